@@ -1,0 +1,249 @@
+"""The epoch loop shared by every trainer: checkpoints, resume, best model, early stop, Ctrl-C.
+
+A concrete trainer implements :meth:`BaseTrainer._train_epoch` and
+:meth:`BaseTrainer._valid_epoch`; this class owns everything around them.
+
+Resume is exact: a checkpoint records the epoch, how many of its iterations are
+done and whether its validation ran, plus the model, optimizer, scheduler,
+scaler and RNG states. Data order and augmentation are pure functions of
+``(seed, epoch)``, so a run interrupted anywhere and resumed produces the same
+weights, bit for bit on the CPU, as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from utils import distributed
+from utils.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from utils.errors import CheckpointError, TrainingError
+from utils.logger import MetricsCSV, plot_learning_curves, run_logger, write_json
+
+
+class TrainingInterrupted(Exception):
+    """Raised after Ctrl-C once the checkpoint is safely written."""
+
+    def __init__(self, checkpoint: Path, epoch: int, iteration: int) -> None:
+        super().__init__(f"interrupted at epoch {epoch}, iteration {iteration}; "
+                         f"checkpoint saved to {checkpoint}")
+        self.checkpoint = checkpoint
+
+
+class BaseTrainer:
+    """Runs ``epochs`` epochs of training and validation and keeps the run folder.
+
+    Args:
+        model: the network (possibly wrapped in DistributedDataParallel).
+        optimizer, lr_scheduler: built from config; the scheduler steps per iteration.
+        train_loader, val_loader: loaders with ``set_epoch`` (``val_loader`` may be None).
+        run_dir: the run folder (checkpoints, logs, plots).
+        settings: the validated ``trainer`` config section.
+        config: the resolved config, saved inside each checkpoint.
+        meta: facts inference needs without data (arch, num_classes, class names, palette...).
+        seed: the run's seed.
+        scaler: a ``torch.amp.GradScaler`` (disabled when not using float16).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
+                 train_loader, val_loader, run_dir: Path, settings: dict, config: dict,
+                 meta: dict, seed: int, scaler: torch.amp.GradScaler) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.train_loader = train_loader
+        self.val_loader = val_loader if settings["val"] else None
+        self.run_dir = Path(run_dir)
+        self.settings = settings
+        self.config = config
+        self.meta = meta
+        self.seed = seed
+        self.scaler = scaler
+        self.epochs = settings["epochs"]
+        self.logger = run_logger(self.run_dir)
+        self.csv = MetricsCSV(self.run_dir / "metrics.csv")
+
+        self.monitor_mode, self.monitor_metric = "off", None
+        if settings["monitor"] != "off":
+            self.monitor_mode, self.monitor_metric = settings["monitor"].split()
+        self.best = -math.inf if self.monitor_mode == "max" else math.inf
+        self.best_epoch = 0
+        self.not_improved = 0
+        self.history: list[dict] = []
+
+        # Where to start: changed by resume().
+        self.start_epoch = 1
+        self.start_iter = 0
+        self.partial: dict[str, float] = {}  # running sums of an unfinished epoch
+        self.iteration = 0  # iterations done in the current epoch
+        self._stop_requested = False
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return getattr(self.model, "module", self.model)
+
+    # --- to implement ------------------------------------------------------------
+    def _train_epoch(self, epoch: int, start_iter: int) -> dict[str, float]:
+        """Train one epoch from iteration ``start_iter``; return logs such as ``train_loss``.
+
+        Must keep ``self.iteration`` and ``self.partial`` current and return early
+        (with whatever it has) when ``self._stop_requested`` becomes true.
+        """
+        raise NotImplementedError
+
+    def _valid_epoch(self, epoch: int) -> dict[str, Any]:
+        """Validate; return ``val_loss`` and the metrics (``mIoU``...)."""
+        raise NotImplementedError
+
+    # --- the loop ----------------------------------------------------------------
+    def train(self) -> dict:
+        """Train to the last epoch (or early stop); returns the summary."""
+        self.logger.info(f"Run folder: {self.run_dir}")
+        with self._catch_sigint():
+            for epoch in range(self.start_epoch, self.epochs + 1):
+                if self._run_epoch(epoch):
+                    break
+        return self._finish()
+
+    def _run_epoch(self, epoch: int) -> bool:
+        """One epoch; returns True when early stopping ends training."""
+        if self.start_iter == 0:
+            torch.manual_seed(self.seed * 1_000_003 + epoch)  # model-side randomness (dropout)
+            self.partial = {}
+        started = time.perf_counter()
+        logs = self._train_epoch(epoch, self.start_iter)
+        self.start_iter = 0
+        if self._stop_requested:
+            self._interrupt(epoch)
+        row: dict[str, Any] = {"epoch": epoch, **logs, "lr": self.optimizer.param_groups[0]["lr"]}
+        improved = False
+        if self.val_loader is not None and (epoch % self.settings["val_per_epochs"] == 0 or epoch == self.epochs):
+            metrics = self._valid_epoch(epoch)
+            if self._stop_requested:
+                self._interrupt(epoch)
+            row.update(metrics)
+            improved = self._update_monitor(row)
+        row["time"] = round(time.perf_counter() - started, 2)
+        self.history.append(row)
+        self.csv.write_all(self.history)
+        self.logger.info(self._format_row(row))
+
+        stop = self.settings["early_stop"] > 0 and self.not_improved >= self.settings["early_stop"]
+        if improved:
+            self._save("best_model.pth", epoch, self.iteration, epoch_done=True)
+            self.logger.info(f"  saved best_model.pth ({self.monitor_metric} = {self.best:.4f})")
+        if epoch % self.settings["save_period"] == 0 or epoch == self.epochs or stop:
+            self._save("checkpoint.pth", epoch, self.iteration, epoch_done=True)
+        if stop:
+            self.logger.info(f"Early stop: {self.monitor_metric} did not improve for "
+                             f"{self.not_improved} validations")
+        return stop
+
+    def _update_monitor(self, row: dict) -> bool:
+        if self.monitor_mode == "off":
+            return False
+        value = row.get(self.monitor_metric)
+        if value is None:
+            raise TrainingError(f"trainer.monitor: metric '{self.monitor_metric}' was not computed")
+        better = value > self.best if self.monitor_mode == "max" else value < self.best
+        if better:
+            self.best, self.best_epoch, self.not_improved = value, row["epoch"], 0
+        else:
+            self.not_improved += 1
+        return better
+
+    def _finish(self) -> dict:
+        summary = {"run_dir": str(self.run_dir), "epochs_trained": len(self.history),
+                   "monitor": self.settings["monitor"]}
+        if self.monitor_mode != "off" and self.best_epoch:
+            best_row = next(row for row in self.history if row["epoch"] == self.best_epoch)
+            summary.update(best_epoch=self.best_epoch, best_metrics=best_row)
+        if self.history:
+            summary["last_metrics"] = self.history[-1]
+        write_json(summary, self.run_dir / "summary.json")
+        plot_learning_curves(self.history, self.run_dir / "learning_curves.png")
+        return summary
+
+    @staticmethod
+    def _format_row(row: dict) -> str:
+        parts = [f"epoch {row['epoch']}"]
+        for key in ("train_loss", "val_loss", "mIoU", "pixel_acc", "mean_acc", "fwIoU", "lr", "time"):
+            if isinstance(row.get(key), (int, float)):
+                parts.append(f"{key} {row[key]:.4g}")
+        return " | ".join(parts)
+
+    # --- Ctrl-C --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _catch_sigint(self):
+        """First Ctrl-C asks the loop to stop after the current iteration; a second one kills."""
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            self.logger.warning("\nCtrl-C: finishing this iteration and saving a checkpoint "
+                                "(press again to quit without saving)")
+        try:
+            previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not in the main thread: keep the default behaviour
+            previous = None
+        try:
+            yield
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _interrupt(self, epoch: int) -> None:
+        path = self._save("checkpoint.pth", epoch, self.iteration, epoch_done=False)
+        raise TrainingInterrupted(path, epoch, self.iteration)
+
+    # --- checkpoints ------------------------------------------------------------------
+    def _save(self, filename: str, epoch: int, iteration: int, epoch_done: bool) -> Path:
+        path = self.run_dir / filename
+        if not distributed.is_main_process():
+            return path
+        state = {
+            "arch": self.meta["arch"], "num_classes": self.meta["num_classes"], "meta": self.meta,
+            "model": self.unwrapped_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch, "iteration": iteration, "epoch_done": epoch_done,
+            "partial": dict(self.partial),
+            "monitor": self.settings["monitor"], "best": self.best, "best_epoch": self.best_epoch,
+            "not_improved": self.not_improved, "history": self.history,
+            "rng": rng_state(), "config": self.config,
+        }
+        save_atomic(state, path)
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a checkpoint written by :meth:`_save`."""
+        from utils.checkpoint import load_model_weights
+
+        state = load_checkpoint(path)
+        load_model_weights(self.unwrapped_model, state, path, self.meta["arch"], self.meta["num_classes"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            epoch, iteration, done = state["epoch"], state["iteration"], state["epoch_done"]
+            self.best, self.best_epoch = state["best"], state["best_epoch"]
+            self.not_improved, self.history = state["not_improved"], list(state["history"])
+            self.partial = dict(state["partial"])
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: checkpoint lacks training state ({exc}); "
+                                  "it can be used for inference but not to resume") from exc
+        if state.get("monitor") != self.settings["monitor"]:
+            self.logger.warning(f"monitor changed from {state.get('monitor')!r}; best value reset")
+            self.best = -math.inf if self.monitor_mode == "max" else math.inf
+            self.best_epoch, self.not_improved = 0, 0
+        self.start_epoch, self.start_iter = (epoch + 1, 0) if done else (epoch, iteration)
+        self.iteration = self.start_iter
+        self.logger.info(f"Resumed from {path}: epoch {self.start_epoch}, iteration {self.start_iter}")

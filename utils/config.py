@@ -1,0 +1,285 @@
+"""Reading, overriding and validating the JSON configuration.
+
+The whole configuration is checked before anything heavy is built: unknown keys
+get a did-you-mean and their dotted path, wrong types name the path and the
+expected type, and every ``{"type", "args"}`` entry is checked against the
+registered constructor's signature. :func:`load_config` returns the *resolved*
+configuration (defaults filled in), which is what a run saves beside itself.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from utils.errors import ConfigError
+from utils.registry import (DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, TRANSFORMS,
+                            describe_type, did_you_mean, normalize_spec, type_matches)
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Key:
+    """One plain config key: its type annotation, default and meaning."""
+    type: Any
+    default: Any = _REQUIRED
+    help: str = ""
+
+
+# Names the framework passes to constructors itself; a config may not set them.
+MODEL_INJECTED = ("num_classes",)
+DATASET_INJECTED = ("ignore_index", "seed", "transforms")
+TRANSFORM_INJECTED = ("ignore_index",)
+LOSS_INJECTED = ("ignore_index", "num_classes", "train_dataset", "cache_dir")
+OPTIMIZER_INJECTED = ("params",)
+SCHEDULER_INJECTED = ("optimizer", "num_epochs", "iters_per_epoch")
+
+METRIC_NAMES = ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "val_loss")
+
+TOP_LEVEL = {
+    "name": Key(str, "run", "Run name; runs are saved under save_dir/name/<timestamp>/."),
+    "n_gpu": Key(int, 1, "GPUs to use. More than 1 needs torchrun: "
+                         "torchrun --nproc_per_node=N train.py -c CONFIG."),
+    "use_synch_bn": Key(bool, False, "Convert batch norm to SyncBatchNorm when training on several GPUs."),
+    "seed": Key(int, 42, "Seed of weight init, data order and augmentation."),
+    "amp": Key(bool, False, "Mixed precision (float16 on CUDA, bfloat16 on CPU)."),
+    "ignore_index": Key(int, 255, "Label value ignored by losses and metrics; data sets map void to it."),
+    "aux_loss_weight": Key(float, 0.4, "Weight of the auxiliary head's loss, for models that have one."),
+    "cache_dir": Key(str, "saved/cache", "Where computed class weights are cached."),
+}
+
+OPTIMIZER_KEYS = {
+    "differential_lr": Key(bool, False, "Give the pretrained backbone a smaller learning rate."),
+    "backbone_lr_factor": Key(float, 0.1, "Backbone lr = lr * this factor when differential_lr is true."),
+}
+
+LOADER_KEYS = {
+    "batch_size": Key(int, 8, "Images per batch (per process under torchrun)."),
+    "shuffle": Key(bool, False, "Shuffle each epoch (seeded by seed and epoch)."),
+    "num_workers": Key(int, 0, "Data loading worker processes."),
+    "drop_last": Key(bool, False, "Drop the last incomplete batch."),
+    "pin_memory": Key(bool, False, "Pin host memory (faster copies to CUDA)."),
+    "subset": Key(int | None, None, "Use only the first N samples (quick experiments)."),
+    "transforms": Key(list, [], "Joint augmentations, a list of {type, args}; normalisation is always applied last."),
+}
+
+TRAINER_KEYS = {
+    "epochs": Key(int, 100, "Number of epochs."),
+    "save_dir": Key(str, "saved/", "Root folder of runs."),
+    "save_period": Key(int, 1, "Write checkpoint.pth every N epochs (and always at the end or on Ctrl-C)."),
+    "monitor": Key(str, "max mIoU", "'max METRIC', 'min METRIC' or 'off'; decides best_model.pth and early stop."),
+    "early_stop": Key(int, 0, "Stop after N validations without improvement; 0 disables."),
+    "tensorboard": Key(bool, True, "Write TensorBoard logs."),
+    "log_dir": Key(str | None, None, "TensorBoard folder root; default: the run folder's tensorboard/."),
+    "log_per_iter": Key(int, 20, "Log training loss and lr to TensorBoard every N iterations."),
+    "val": Key(bool, True, "Run validation."),
+    "val_per_epochs": Key(int, 1, "Validate every N epochs (and after the last)."),
+    "progress_bar": Key(bool, True, "Show tqdm progress bars."),
+}
+
+
+def read_json(path: str | Path) -> dict:
+    """Parse a JSON config; a syntax error names the file, line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def apply_override(config: dict, assignment: str) -> None:
+    """Apply ``KEY=VALUE`` (dotted key, JSON value) in place, keeping the key's type.
+
+    ``trainer.epochs=3`` sets an int, ``arch.type=UNet`` a string (values that are
+    not JSON are taken as strings). Replacing an existing value by one of another
+    type is an error; ints are accepted where floats are.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment}: expected KEY=VALUE, e.g. trainer.epochs=3")
+    dotted, raw = assignment.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    keys = dotted.split(".")
+    node = config
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(child, dict):
+            where = ".".join(keys[:depth + 1])
+            hint = did_you_mean(key, node) if isinstance(node, dict) else ""
+            raise ConfigError(f"--set {dotted}: '{where}' is not an object in the config.{hint}")
+        node = child
+    last = keys[-1]
+    if last in node and node[last] is not None:
+        old = node[last]
+        same = (isinstance(old, bool) == isinstance(value, bool)
+                and (type(old) is type(value) or (isinstance(old, float) and isinstance(value, int))
+                     or (isinstance(old, (list, tuple)) and isinstance(value, (list, tuple)))))
+        if not same:
+            raise ConfigError(f"--set {dotted}: expected {type(old).__name__} like the config's "
+                              f"{old!r}, got {value!r}")
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+    node[last] = value
+
+
+def _check_keys(section: Any, schema: dict[str, Key], path: str, allowed_extra: tuple[str, ...] = ()) -> dict:
+    """Validate a plain section against ``schema``; returns it with defaults filled in."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: expected an object, got {type(section).__name__}")
+    known = set(schema) | set(allowed_extra)
+    for key in section:
+        if key not in known:
+            raise ConfigError(f"{_join(path, key)}: unknown key.{did_you_mean(key, known)} "
+                              f"Known keys: {', '.join(sorted(known))}")
+    resolved = {}
+    for key, spec in schema.items():
+        if key not in section:
+            if spec.default is _REQUIRED:
+                raise ConfigError(f"{_join(path, key)}: missing required key")
+            resolved[key] = copy.deepcopy(spec.default)
+            continue
+        if not type_matches(section[key], spec.type):
+            raise ConfigError(f"{_join(path, key)}: expected {describe_type(spec.type)}, "
+                              f"got {section[key]!r}")
+        resolved[key] = section[key]
+    return {**{k: section[k] for k in allowed_extra if k in section}, **resolved}
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def validate_loader(spec: Any, path: str) -> dict:
+    """Validate a ``train_loader``/``val_loader`` entry: data set args, loader args, transforms."""
+    spec = normalize_spec(spec, path)
+    args = dict(spec["args"])
+    loader_args = {k: args.pop(k) for k in list(args) if k in LOADER_KEYS}
+    loader_args = _check_keys(loader_args, LOADER_KEYS, f"{path}.args")
+    if loader_args["batch_size"] < 1:
+        raise ConfigError(f"{path}.args.batch_size: must be >= 1, got {loader_args['batch_size']}")
+    if loader_args["num_workers"] < 0:
+        raise ConfigError(f"{path}.args.num_workers: must be >= 0, got {loader_args['num_workers']}")
+    loader_args["transforms"] = [
+        TRANSFORMS.validate(t, f"{path}.args.transforms[{i}]", injected=TRANSFORM_INJECTED)
+        for i, t in enumerate(loader_args["transforms"])]
+    extra = {name: _as_parameter(name, key) for name, key in LOADER_KEYS.items()}
+    dataset = DATASETS.validate({"type": spec["type"], "args": args}, path,
+                                injected=DATASET_INJECTED, extra=extra)
+    return {"type": spec["type"], "args": {**dataset["args"], **loader_args}}
+
+
+def _as_parameter(name: str, key: Key) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=key.default, annotation=key.type)
+
+
+def _validate_monitor(monitor: str, path: str) -> None:
+    if monitor == "off":
+        return
+    parts = monitor.split()
+    if len(parts) != 2 or parts[0] not in ("min", "max"):
+        raise ConfigError(f"{path}: expected 'max METRIC', 'min METRIC' or 'off', got {monitor!r}")
+    if parts[1] not in METRIC_NAMES:
+        raise ConfigError(f"{path}: unknown metric '{parts[1]}'.{did_you_mean(parts[1], METRIC_NAMES)} "
+                          f"Available: {', '.join(METRIC_NAMES)}")
+
+
+def validate_config(config: dict) -> dict:
+    """Check the whole configuration and return it resolved (defaults filled in).
+
+    All problems found are reported together, one per line.
+    """
+    import_components()
+    errors: list[str] = []
+    resolved: dict[str, Any] = {}
+
+    def attempt(key: str, check) -> None:
+        try:
+            resolved[key] = check()
+        except ConfigError as exc:
+            errors.append(str(exc))
+
+    component_keys = ("arch", "train_loader", "val_loader", "optimizer", "loss", "lr_scheduler", "trainer")
+    try:
+        resolved.update(_check_keys({k: v for k, v in config.items() if k not in component_keys},
+                                    TOP_LEVEL, "", allowed_extra=()))
+    except ConfigError as exc:
+        errors.append(str(exc))
+    for key in ("arch", "train_loader"):
+        if key not in config:
+            errors.append(f"{key}: missing required key")
+    if "arch" in config:
+        attempt("arch", lambda: MODELS.validate(config["arch"], "arch", MODEL_INJECTED))
+    if "train_loader" in config:
+        attempt("train_loader", lambda: validate_loader(config["train_loader"], "train_loader"))
+    if config.get("val_loader") is not None:
+        attempt("val_loader", lambda: validate_loader(config["val_loader"], "val_loader"))
+    else:
+        resolved["val_loader"] = None
+    attempt("optimizer", lambda: _validate_optimizer(config.get("optimizer", {"type": "SGD"})))
+    attempt("loss", lambda: LOSSES.validate(config.get("loss", "CrossEntropyLoss"), "loss", LOSS_INJECTED))
+    attempt("lr_scheduler", lambda: SCHEDULERS.validate(config.get("lr_scheduler", "Poly"), "lr_scheduler",
+                                                               SCHEDULER_INJECTED))
+    attempt("trainer", lambda: _validate_trainer(config.get("trainer", {})))
+    if not errors and resolved["train_loader"]["type"] != (resolved["val_loader"] or resolved["train_loader"])["type"]:
+        errors.append("val_loader.type: must be the same data set as train_loader.type "
+                      f"({resolved['train_loader']['type']}) so that the classes agree")
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return resolved
+
+
+def _validate_optimizer(section: Any) -> dict:
+    if not isinstance(section, dict):
+        raise ConfigError(f"optimizer: expected an object with 'type' and 'args', got {section!r}")
+    plain = _check_keys({k: v for k, v in section.items() if k not in ("type", "args")},
+                        OPTIMIZER_KEYS, "optimizer")
+    spec = OPTIMIZERS.validate({k: section[k] for k in ("type", "args") if k in section},
+                               "optimizer", OPTIMIZER_INJECTED)
+    return {**spec, **plain}
+
+
+def _validate_trainer(section: Any) -> dict:
+    trainer = _check_keys(section, TRAINER_KEYS, "trainer")
+    for key in ("epochs", "save_period", "log_per_iter", "val_per_epochs"):
+        if trainer[key] < 1:
+            raise ConfigError(f"trainer.{key}: must be >= 1, got {trainer[key]}")
+    if trainer["early_stop"] < 0:
+        raise ConfigError(f"trainer.early_stop: must be >= 0 (0 disables), got {trainer['early_stop']}")
+    _validate_monitor(trainer["monitor"], "trainer.monitor")
+    return trainer
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> dict:
+    """Read ``path`` (or take ``base``), apply ``--set`` overrides, validate; returns the resolved config."""
+    config = copy.deepcopy(base) if path is None else read_json(path)
+    for assignment in overrides:
+        apply_override(config, assignment)
+    try:
+        return validate_config(config)
+    except ConfigError as exc:
+        source = f"{path}: " if path is not None else ""
+        raise ConfigError("\n".join(source + line for line in str(exc).splitlines())) from None
+
+
+def import_components() -> None:
+    """Import the modules that register models, data sets, losses, optimizers and schedulers."""
+    import dataloader  # noqa: F401
+    import models  # noqa: F401
+    import utils.losses  # noqa: F401
+    import utils.lr_scheduler  # noqa: F401
+    import utils.optimizers  # noqa: F401

@@ -1,0 +1,137 @@
+"""Logging sinks of a run: console/file log, metrics.csv, TensorBoard, plots, summary.
+
+Only the main process writes (see ``utils.distributed``); on other ranks these
+helpers do nothing.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from utils import distributed
+
+
+def run_logger(run_dir: Path | None, name: str = "segmentation") -> logging.Logger:
+    """A logger printing to stderr and appending to ``run_dir/train.log`` (main process only).
+
+    It does not touch the root logger, so importing or calling this has no global effect.
+    """
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO if distributed.is_main_process() else logging.WARNING)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(console)
+    if run_dir is not None and distributed.is_main_process():
+        file_handler = logging.FileHandler(Path(run_dir) / "train.log")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(file_handler)
+    return logger
+
+
+class MetricsCSV:
+    """``metrics.csv``: one row per validation (appends when a run is resumed)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    def write_all(self, rows: list[dict]) -> None:
+        """Rewrite the file with ``rows`` (a resumed run passes its full history)."""
+        if not distributed.is_main_process() or not rows:
+            return
+        fields = list(rows[0])
+        for row in rows[1:]:
+            fields += [k for k in row if k not in fields]
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _fmt(v) for k, v in row.items()})
+        tmp.replace(self.path)
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return "" if value is None else value
+
+
+class TensorBoard:
+    """A ``SummaryWriter`` that is silent when disabled or not on the main process."""
+
+    def __init__(self, log_dir: Path | None) -> None:
+        self.writer = None
+        if log_dir is not None and distributed.is_main_process():
+            from torch.utils.tensorboard import SummaryWriter  # heavy import, only when used
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None and value is not None and not math.isnan(value):
+            self.writer.add_scalar(tag, value, step)
+
+    def image(self, tag: str, image_chw: np.ndarray, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, image_chw, step, dataformats="CHW")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_learning_curves(history: list[dict], path: Path) -> None:
+    """``learning_curves.png``: losses, and the validation metrics, against the epoch."""
+    if not distributed.is_main_process() or not history:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("train_loss", "train loss"), ("val_loss", "validation loss")):
+        values = [_num(row.get(key)) for row in history]
+        if any(not math.isnan(v) for v in values):
+            ax_loss.plot(epochs, values, marker="o", label=label)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU"):
+        values = [_num(row.get(key)) for row in history]
+        if any(not math.isnan(v) for v in values):
+            ax_metric.plot(epochs, values, marker="o", label=key)
+    ax_metric.set_xlabel("epoch")
+    ax_metric.set_ylim(0, 1)
+    ax_metric.legend()
+    ax_metric.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _num(value) -> float:
+    return float("nan") if value is None or value == "" else float(value)
+
+
+def write_json(data: dict, path: Path) -> None:
+    """Write JSON through a temporary file (main process only)."""
+    if not distributed.is_main_process():
+        return
+    tmp = Path(path).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,198 @@
+"""Segmentation losses, registered in :data:`utils.registry.LOSSES`.
+
+Every loss is called as ``loss(logits, target)`` with logits ``(N, C, H, W)``
+and an int64 target ``(N, H, W)`` holding ``ignore_index`` for void; it returns
+a scalar and never modifies ``target``. The framework injects ``ignore_index``,
+``num_classes``, ``train_dataset`` and ``cache_dir`` into constructors that
+declare them; the config does not set them.
+
+Class weights for :class:`WeightedCrossEntropyLoss` are counted on the raw
+training labels (no augmentation) and cached as JSON in ``cache_dir``. A class
+that never occurs in the training labels gets weight 0 under either method: it
+cannot appear in a training target, and giving it ENet's finite bound
+(1 / ln 1.02, about 50.5) would only inflate its label-smoothing term.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from base.base_dataset import BaseDataSet
+from utils.registry import LOSSES
+
+WeightMethod = Literal["median_frequency", "enet"]
+
+
+@LOSSES.register
+class CrossEntropyLoss(nn.Module):
+    """Cross-entropy averaged over the pixels whose target is not ``ignore_index``.
+
+    A batch without any valid pixel gives 0 (PyTorch's mean would give NaN),
+    so a crop that lands entirely on void does not abort training.
+
+    Args:
+        ignore_index: target value of void pixels.
+        label_smoothing: as in :func:`torch.nn.functional.cross_entropy`.
+    """
+
+    def __init__(self, *, ignore_index: int = 255, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.register_buffer("weight", None)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Shape: logits ``(N, C, H, W)``, target ``(N, H, W)``; returns a scalar."""
+        total = F.cross_entropy(logits, target, weight=self.weight, ignore_index=self.ignore_index,
+                                label_smoothing=self.label_smoothing, reduction="sum")
+        valid = target != self.ignore_index
+        if self.weight is None:
+            denominator = valid.sum()
+        else:
+            # PyTorch's weighted mean divides by the summed weights of the valid
+            # targets; where() keeps void indices in range without touching target.
+            denominator = (self.weight[torch.where(valid, target, 0)] * valid).sum()
+        # where() instead of an if: no host sync on the GPU.
+        return total / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+
+
+@LOSSES.register
+class WeightedCrossEntropyLoss(CrossEntropyLoss):
+    """Cross-entropy with per-class weights, listed or computed from the training labels.
+
+    Args:
+        weights: one weight per class, or ``"median_frequency"`` (Eigen & Fergus,
+            2015) or ``"enet"`` (Paszke et al., 2016) to compute them from
+            ``train_dataset``; computed weights are cached in ``cache_dir``.
+        ignore_index: target value of void pixels.
+        num_classes: number of classes; listed weights must have this length.
+        train_dataset: the training split, read only when weights are computed.
+        cache_dir: directory of the weight cache; ``None`` computes without caching.
+        label_smoothing: as in :func:`torch.nn.functional.cross_entropy`.
+    """
+
+    def __init__(self, *, weights: list[float] | WeightMethod = "median_frequency",
+                 ignore_index: int = 255, num_classes: int,
+                 train_dataset: BaseDataSet | None = None, cache_dir: str | None = None,
+                 label_smoothing: float = 0.0) -> None:
+        super().__init__(ignore_index=ignore_index, label_smoothing=label_smoothing)
+        if isinstance(weights, str):
+            if weights not in ("median_frequency", "enet"):
+                raise ValueError(f"weights must be a list or one of 'median_frequency', 'enet', "
+                                 f"got {weights!r}")
+            if train_dataset is None:
+                raise ValueError(f"weights={weights!r} needs the training dataset")
+            weights = cached_class_weights(train_dataset, weights, ignore_index, num_classes, cache_dir)
+        if len(weights) != num_classes:
+            raise ValueError(f"got {len(weights)} class weights for {num_classes} classes")
+        if any(w < 0 for w in weights):
+            raise ValueError(f"class weights must not be negative, got {list(weights)}")
+        self.register_buffer("weight", torch.tensor(weights, dtype=torch.float32))
+
+
+def class_pixel_counts(dataset: BaseDataSet) -> tuple[np.ndarray, np.ndarray]:
+    """Count labelled pixels per class over a data set's raw labels (no augmentation).
+
+    Returns:
+        ``(counts, present_counts)``, int64 arrays of length C: ``counts[c]``
+        is the number of pixels of class c; ``present_counts[c]`` the number
+        of labelled (non-void) pixels of the images in which c occurs.
+    """
+    num_classes = dataset.num_classes()
+    counts = np.zeros(num_classes, dtype=np.int64)
+    present_counts = np.zeros(num_classes, dtype=np.int64)
+    for i in range(len(dataset)):
+        label = dataset.map_label(dataset.load_label(i), dataset.label_source(i))
+        image_counts = np.bincount(label[label != dataset.ignore_index], minlength=num_classes)
+        counts += image_counts
+        present_counts += np.where(image_counts > 0, image_counts.sum(), 0)
+    return counts, present_counts
+
+
+def median_frequency_weights(counts: np.ndarray, present_counts: np.ndarray) -> list[float]:
+    """Median frequency balancing: ``median(freq) / freq(c)``.
+
+    ``freq(c) = counts[c] / present_counts[c]``; the median is taken over the
+    classes that occur. Classes that never occur get weight 0.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    present_counts = np.asarray(present_counts, dtype=np.float64)
+    occurs = counts > 0
+    if not occurs.any():
+        raise ValueError("cannot compute class weights: the labels contain no labelled pixel")
+    freq = np.divide(counts, present_counts, out=np.zeros_like(counts), where=occurs)
+    median = np.median(freq[occurs])
+    return np.divide(median, freq, out=np.zeros_like(freq), where=occurs).tolist()
+
+
+def enet_weights(counts: np.ndarray) -> list[float]:
+    """ENet weighting: ``1 / ln(1.02 + p_c)``, ``p_c`` the share of labelled pixels.
+
+    Classes that never occur get weight 0.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.sum() == 0:
+        raise ValueError("cannot compute class weights: the labels contain no labelled pixel")
+    weights = 1.0 / np.log(1.02 + counts / counts.sum())
+    return np.where(counts > 0, weights, 0.0).tolist()
+
+
+def cached_class_weights(dataset: BaseDataSet, method: WeightMethod, ignore_index: int,
+                         num_classes: int, cache_dir: str | None) -> list[float]:
+    """Class weights of ``dataset`` by ``method``, read from or written to ``cache_dir``.
+
+    The cache file name hashes the data set class, ``ignore_index``,
+    ``num_classes``, the method and every label source, so a different split
+    or listing gets its own file. Label files edited in place under the same
+    names are not detected: delete the cache file then.
+    """
+    path = None
+    if cache_dir is not None:
+        key = json.dumps([type(dataset).__name__, ignore_index, num_classes, method,
+                          [dataset.label_source(i) for i in range(len(dataset))]])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        path = os.path.join(cache_dir, f"class_weights_{digest}.json")
+        cached = _read_cache(path)
+        if cached is not None:
+            return cached
+
+    counts, present_counts = class_pixel_counts(dataset)
+    if method == "median_frequency":
+        weights = median_frequency_weights(counts, present_counts)
+    else:
+        weights = enet_weights(counts)
+
+    if path is not None:
+        _write_json(path, {"dataset": type(dataset).__name__, "method": method,
+                           "ignore_index": ignore_index, "num_classes": num_classes,
+                           "counts": counts.tolist(), "present_counts": present_counts.tolist(),
+                           "weights": weights})
+    return weights
+
+
+def _read_cache(path: str) -> list[float] | None:
+    # An unreadable cache is only a lost speed-up: recompute and overwrite it.
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [float(w) for w in json.load(handle)["weights"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_json(path: str, content: dict) -> None:
+    # Write then rename, so processes started by torchrun never read half a file.
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp",
+                                     delete=False, encoding="utf-8") as handle:
+        json.dump(content, handle, indent=2)
+    os.replace(handle.name, path)

@@ -1,0 +1,28 @@
+"""Optimizers selectable from config (``optimizer.type``).
+
+``params`` (the model's parameter groups, see ``BaseModel.param_groups``) is
+injected by the framework; each group may carry its own ``lr``.
+"""
+from __future__ import annotations
+
+import torch
+
+from utils.registry import OPTIMIZERS
+
+
+@OPTIMIZERS.register
+def SGD(params: list, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
+        nesterov: bool = False) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+
+
+@OPTIMIZERS.register
+def Adam(params: list, lr: float, betas: list[float] = (0.9, 0.999), weight_decay: float = 0.0,
+         eps: float = 1e-8) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+
+
+@OPTIMIZERS.register
+def AdamW(params: list, lr: float, betas: list[float] = (0.9, 0.999), weight_decay: float = 1e-2,
+          eps: float = 1e-8) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)

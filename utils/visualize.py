@@ -1,0 +1,52 @@
+"""Colouring predictions: palette PNGs, overlays and image grids."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def palette_array(palette: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:
+    """A ``(256, 3)`` uint8 lookup table: class colours, black elsewhere (white for ignore)."""
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[: len(palette)] = np.asarray(palette, dtype=np.uint8)
+    if 0 <= ignore_index < 256 and ignore_index >= len(palette):
+        table[ignore_index] = 255
+    return table
+
+
+def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:
+    """Class-index mask ``(H, W)`` -> RGB ``uint8`` image ``(H, W, 3)``."""
+    return palette_array(palette, ignore_index)[np.clip(mask, 0, 255).astype(np.uint8)]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, palette: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
+    """Blend the coloured mask on an RGB ``uint8`` image; ``alpha`` is the mask's weight."""
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * colorize(mask, palette).astype(np.float32)
+    return blended.round().astype(np.uint8)
+
+
+def save_palette_png(mask: np.ndarray, palette: Sequence[Sequence[int]], path: str | Path) -> None:
+    """Save a mask as a palette-mode PNG: pixel values are class indices, shown in colour."""
+    img = Image.fromarray(mask.astype(np.uint8), mode="P")
+    img.putpalette(palette_array(palette).reshape(-1).tolist())
+    img.save(path)
+
+
+def prediction_grid(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
+                    palette: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:
+    """Rows of (image | ground truth | prediction) as one ``(3, H', W')`` uint8 array for TensorBoard.
+
+    Args:
+        images: de-normalised images ``(N, 3, H, W)`` in 0-1.
+        targets, preds: class indices ``(N, H, W)``.
+    """
+    rows = []
+    for image, target, pred in zip(images, targets, preds):
+        rgb = (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        rows.append(np.concatenate([rgb, colorize(target.cpu().numpy(), palette, ignore_index),
+                                    colorize(pred.cpu().numpy(), palette, ignore_index)], axis=1))
+    return np.concatenate(rows, axis=0).transpose(2, 0, 1)
