@@ -215,8 +215,8 @@ def validate_config(config: dict) -> dict:
 
     component_keys = ("arch", "train_loader", "val_loader", "optimizer", "loss", "lr_scheduler", "trainer")
     try:
-        resolved.update(_check_keys({k: v for k, v in config.items() if k not in component_keys},
-                                    TOP_LEVEL, "", allowed_extra=()))
+        plain = {k: v for k, v in config.items() if k not in component_keys}
+        resolved.update(_check_keys(plain, TOP_LEVEL, "", allowed_extra=component_keys))
     except ConfigError as exc:
         errors.append(str(exc))
     for key in ("arch", "train_loader"):

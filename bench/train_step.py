@@ -1,0 +1,206 @@
+"""Training throughput of the framework's trainer loop against a bare PyTorch loop.
+
+    python bench/train_step.py [--model UNet] [--batch-size 16] [--size 64] [--iters 30]
+                               [--repeats 5] [--warmup 5] [--threads N] [--check]
+
+Both loops train the same architecture from the same initial weights, with the
+optimizer, per-iteration lr schedule and loss that ``config.json`` configures,
+on the same pre-generated SyntheticShapes batches held in memory, so data
+loading is not measured. The trainer is built by ``train.build_trainer`` as a
+user's run would be (TensorBoard and progress-bar settings as in the config);
+only its ``train_loader`` is swapped for an in-memory one. The loops alternate
+``repeats`` times (bare, trainer, bare, ...) and the medians are compared.
+``--check`` exits with 1 when trainer / bare < 0.95.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from train import build_trainer  # noqa: E402
+from trainer import Trainer  # noqa: E402
+from utils.build import build_loader, build_loss, build_model, build_optimizer, build_scheduler  # noqa: E402
+from utils.config import load_config, read_json  # noqa: E402
+
+MIN_RATIO = 0.95
+ARCHS = {
+    "UNet": None,  # None: keep config.json's arch section (base_channels 16, depth 3)
+    "DeepLabV3Plus": {"type": "DeepLabV3Plus", "args": {"backbone": "resnet18"}},
+}
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class InMemoryLoader:
+    """Replays fixed batches with the interface the trainer needs from a loader.
+
+    Like :class:`base.base_dataloader.BaseDataLoader`, ``len`` counts the batches
+    left after ``set_epoch(..., skip_batches)``.
+    """
+
+    def __init__(self, batches: list[Batch], dataset, batch_size: int) -> None:
+        self.batches = batches
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.skip = skip_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.batches[self.skip:])
+
+    def __len__(self) -> int:
+        return max(len(self.batches) - self.skip, 0)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="UNet", choices=sorted(ARCHS))
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--iters", type=int, default=30, help="timed iterations per repetition")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating repetitions of each loop")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations of each loop first")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
+    parser.add_argument("--check", action="store_true", help=f"exit 1 if trainer/bare < {MIN_RATIO}")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "iters", "repeats", "warmup", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def bench_config(args: argparse.Namespace, run_dir: Path) -> dict:
+    """config.json with the benchmark's model, sizes and run length; the trainer section is kept."""
+    raw = read_json(REPO_ROOT / "config.json")
+    if ARCHS[args.model] is not None:
+        raw["arch"] = copy.deepcopy(ARCHS[args.model])
+    loader = raw["train_loader"]["args"]
+    # Exactly `iters` batches: the scheduler's iters_per_epoch is then the epoch the loops run.
+    loader.update(num_samples=args.batch_size * args.iters, image_size=args.size, batch_size=args.batch_size)
+    raw["val_loader"] = None  # only _train_epoch is measured
+    # One warm-up epoch plus the timed ones: the Poly schedule spans the whole benchmark.
+    raw["trainer"].update(epochs=1 + args.repeats, save_dir=str(run_dir))
+    return load_config(None, base=raw)
+
+
+def pregenerate(config: dict) -> tuple[list[Batch], object]:
+    """One epoch of the configured train loader (augmented, normalised), kept in memory."""
+    loader = build_loader(config, "train_loader")
+    loader.set_epoch(1)
+    return [(images, targets) for images, targets in loader], loader.dataset
+
+
+def bare_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+               batches: list[Batch], aux_weight: float) -> None:
+    """The reference: the plain PyTorch training loop, nothing else."""
+    model.train()
+    for images, targets in batches:
+        outputs = model(images)
+        loss = loss_fn(outputs["out"], targets)
+        if "aux" in outputs and aux_weight:
+            loss = loss + aux_weight * loss_fn(outputs["aux"], targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+
+def trainer_epoch(trainer: Trainer, epoch: int, loader: InMemoryLoader) -> None:
+    """``Trainer._train_epoch`` alone (no validation or checkpoint), from a fresh epoch."""
+    trainer.train_loader = loader
+    trainer.partial = {}  # what BaseTrainer._run_epoch does before a fresh epoch
+    trainer._train_epoch(epoch, 0)
+
+
+def timed(fn, *fn_args) -> float:
+    start = time.perf_counter()
+    fn(*fn_args)
+    return time.perf_counter() - start
+
+
+def sinks_description(trainer: Trainer) -> str:
+    settings = trainer.settings
+    tb = (f"on (log_per_iter {settings['log_per_iter']})" if trainer.tb.writer is not None else "off")
+    # tqdm's disable=None (what the trainer passes) turns the bar off when stderr is not a TTY.
+    if not trainer.show_progress:
+        bar = "off (progress_bar false)"
+    elif sys.stderr.isatty():
+        bar = "on (drawn: stderr is a TTY)"
+    else:
+        bar = "on in config, not drawn (stderr is not a TTY, tqdm disable=None)"
+    return f"TensorBoard {tb}; progress bar {bar}; log file train.log on"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
+        run_dir = Path(tmp) / "run"
+        run_dir.mkdir()
+        config = bench_config(args, Path(tmp))
+        batches, dataset = pregenerate(config)
+        trainer = build_trainer(config, device, run_dir)
+
+        model = build_model(config).to(device)
+        model.load_state_dict(copy.deepcopy(trainer.model.state_dict()))
+        loss_fn = build_loss(config, dataset).to(device)
+        optimizer = build_optimizer(config, model)
+        scheduler = build_scheduler(config, optimizer, len(batches))
+        full = InMemoryLoader(batches, dataset, args.batch_size)
+        warm = InMemoryLoader(batches[:args.warmup], dataset, args.batch_size)
+        aux_weight = config["aux_loss_weight"]
+
+        print(f"{args.model} {sum(p.numel() for p in model.parameters()):,} params | batch {args.batch_size} | "
+              f"{args.size}x{args.size} | {args.iters} iters x {args.repeats} repeats "
+              f"(+{args.warmup} warm-up) | torch {torch.__version__} | threads {torch.get_num_threads()}")
+        print(f"optimizer {config['optimizer']['type']} {config['optimizer']['args']} | "
+              f"lr_scheduler {config['lr_scheduler']['type']} (per iteration) | loss {config['loss']['type']}")
+        print(f"trainer sinks: {sinks_description(trainer)}")
+
+        bare_epoch(model, loss_fn, optimizer, scheduler, warm.batches, aux_weight)
+        trainer_epoch(trainer, 1, warm)
+        images_per_rep = args.iters * args.batch_size
+        bare_rates, trainer_rates = [], []
+        for rep in range(args.repeats):
+            bare_rates.append(images_per_rep / timed(bare_epoch, model, loss_fn, optimizer, scheduler,
+                                                     batches, aux_weight))
+            trainer_rates.append(images_per_rep / timed(trainer_epoch, trainer, rep + 2, full))
+            print(f"  repeat {rep + 1}: bare {bare_rates[-1]:7.1f} img/s   trainer {trainer_rates[-1]:7.1f} img/s")
+        trainer.tb.close()
+
+        # Same weights, data and steps: the two models must have followed the same path.
+        drift = max((a - b).abs().max().item() for a, b in
+                    zip(model.state_dict().values(), trainer.model.state_dict().values()) if a.is_floating_point())
+        print(f"max |weight difference| after training: {drift:.2e}")
+
+    bare, ours = statistics.median(bare_rates), statistics.median(trainer_rates)
+    ratio = ours / bare
+    print()
+    print(f"{'':8}{'img/s (median)':>16}")
+    print(f"{'bare':8}{bare:16.1f}")
+    print(f"{'trainer':8}{ours:16.1f}")
+    print(f"{'ratio':8}{ratio:16.3f}   (trainer / bare, required >= {MIN_RATIO})")
+    if args.check and ratio < MIN_RATIO:
+        print(f"FAIL: ratio {ratio:.3f} < {MIN_RATIO}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

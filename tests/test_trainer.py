@@ -1,0 +1,207 @@
+"""The training loop: exact resume, checkpoints, Ctrl-C, NaN, early stop and run outputs."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import train
+from base.base_trainer import TrainingInterrupted
+from utils.checkpoint import load_checkpoint, save_atomic
+from utils.config import validate_config
+from utils.errors import CheckpointError, TrainingError
+
+
+def make_trainer(config: dict, run_dir: Path):
+    resolved = validate_config(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return train.build_trainer(resolved, torch.device("cpu"), run_dir)
+
+
+class LossHook(nn.Module):
+    """Wraps the real loss and acts on its n-th training call (1-based)."""
+
+    def __init__(self, loss: nn.Module, at_call: int, action: str) -> None:
+        super().__init__()
+        self.loss, self.at_call, self.action, self.calls = loss, at_call, action, 0
+
+    def forward(self, logits, target):
+        value = self.loss(logits, target)
+        if torch.is_grad_enabled():  # training, not validation
+            self.calls += 1
+            if self.calls == self.at_call:
+                if self.action == "sigint":
+                    signal.raise_signal(signal.SIGINT)
+                elif self.action == "nan":
+                    value = value * float("nan")
+        return value
+
+
+def weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.unwrapped_model.state_dict().items()}
+
+
+def interrupt_then_resume(config: dict, tmp_path: Path, at_call: int):
+    """Run with a Ctrl-C on training call ``at_call``; resume in a fresh trainer."""
+    first = make_trainer(config, tmp_path / "interrupted")
+    first.loss = LossHook(first.loss, at_call, "sigint")
+    with pytest.raises(TrainingInterrupted) as info:
+        first.train()
+    second = make_trainer(config, tmp_path / "interrupted")
+    second.resume(info.value.checkpoint)
+    summary = second.train()
+    return second, summary, info.value.checkpoint
+
+
+@pytest.mark.parametrize("at_call", [8, 9], ids=["end_of_epoch_2", "mid_epoch_3"])
+def test_resume_is_bit_exact(tiny_config, tmp_path, at_call):
+    """4 epochs straight == interrupted (at an epoch end, or mid-epoch) and resumed."""
+    tiny_config["trainer"]["epochs"] = 4  # 24 images / batch 6 = 4 iterations per epoch
+    straight = make_trainer(tiny_config, tmp_path / "straight")
+    straight_summary = straight.train()
+
+    resumed, resumed_summary, checkpoint = interrupt_then_resume(tiny_config, tmp_path, at_call)
+    state = load_checkpoint(checkpoint)
+    assert state["epoch"] == 4 and state["epoch_done"]
+
+    expected, actual = weights(straight), weights(resumed)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    for a, b in zip(straight.optimizer.state_dict()["state"].values(),
+                    resumed.optimizer.state_dict()["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
+    assert drop_time(straight.history) == drop_time(resumed.history)
+    assert straight_summary["best_epoch"] == resumed_summary["best_epoch"]
+
+
+def test_interrupt_records_where_it_stopped(tiny_config, tmp_path):
+    tiny_config["trainer"]["epochs"] = 3
+    trainer = make_trainer(tiny_config, tmp_path / "run")
+    trainer.loss = LossHook(trainer.loss, 6, "sigint")  # epoch 2, iteration 2
+    with pytest.raises(TrainingInterrupted, match="interrupted at epoch 2, iteration 2"):
+        trainer.train()
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert (state["epoch"], state["iteration"], state["epoch_done"]) == (2, 2, False)
+    assert len(state["history"]) == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_checkpoint_contents(tiny_config, tmp_path):
+    trainer = make_trainer(tiny_config, tmp_path / "run")
+    trainer.train()
+    state = torch.load(tmp_path / "run" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "scaler", "epoch", "iteration", "epoch_done", "best",
+            "best_epoch", "not_improved", "rng", "config", "meta", "arch", "num_classes"} <= set(state)
+    assert state["arch"] == "UNet" and state["num_classes"] == 5
+    assert state["epoch"] == 2 and state["epoch_done"] is True
+    assert state["lr_scheduler"]["last_epoch"] == 8  # stepped per iteration
+    assert state["meta"]["class_names"] == ["background", "disk", "square", "triangle", "ring"]
+    assert not any(k.startswith("module.") for k in state["model"])
+    best = load_checkpoint(tmp_path / "run" / "best_model.pth")
+    assert best["epoch"] == best["best_epoch"] == state["best_epoch"]
+    assert best["best"] == max(row["mIoU"] for row in state["history"])
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    save_atomic({"model": {"w": torch.ones(3)}}, path)
+    before = path.read_bytes()
+
+    def broken_save(obj, handle):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_atomic({"model": {"w": torch.zeros(3)}}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]  # no temporary left
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="broken.pth: not a readable checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="missing.pth: checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_resume_with_other_model_is_refused(tiny_config, tmp_path):
+    make_trainer(tiny_config, tmp_path / "run").train()
+    tiny_config["arch"]["args"]["base_channels"] = 8
+    other = make_trainer(tiny_config, tmp_path / "other")
+    with pytest.raises(CheckpointError, match="weights do not fit the configured 'UNet' model"):
+        other.resume(tmp_path / "run" / "checkpoint.pth")
+    tiny_config["arch"] = {"type": "DeepLabV3Plus", "args": {"backbone": "resnet18"}}
+    other = make_trainer(tiny_config, tmp_path / "other2")
+    with pytest.raises(CheckpointError, match="checkpoint is a 'UNet' model, but the config builds 'DeepLabV3Plus'"):
+        other.resume(tmp_path / "run" / "checkpoint.pth")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
+    tiny_config["trainer"]["epochs"] = 3
+    trainer = make_trainer(tiny_config, tmp_path / "run")
+    trainer.loss = LossHook(trainer.loss, 7, "nan")  # epoch 2, iteration 3
+    with pytest.raises(TrainingError, match=r"loss is nan at epoch 2, iteration 3; stopped"):
+        trainer.train()
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert state["epoch"] == 1 and state["epoch_done"]
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_early_stop_counts_validations_without_improvement(tiny_config, tmp_path):
+    tiny_config["trainer"].update(epochs=10, early_stop=2, monitor="max mIoU")
+    trainer = make_trainer(tiny_config, tmp_path / "run")
+    scores = iter([0.5, 0.6, 0.55, 0.6, 0.7])  # best at epoch 2; 3 and 4 do not beat it
+
+    def fake_validation(epoch):
+        return {"val_loss": 1.0, "mIoU": next(scores)}
+
+    trainer._valid_epoch = fake_validation
+    summary = trainer.train()
+    assert summary["epochs_trained"] == 4
+    assert summary["best_epoch"] == 2 and summary["best_metrics"]["mIoU"] == 0.6
+    assert load_checkpoint(tmp_path / "run" / "best_model.pth")["epoch"] == 2
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert (state["epoch"], state["not_improved"]) == (4, 2)
+
+
+def test_validation_schedule_and_run_outputs(tiny_config, tmp_path):
+    tiny_config["trainer"].update(epochs=3, val_per_epochs=2, tensorboard=True)
+    run_dir = tmp_path / "run"
+    trainer = make_trainer(tiny_config, run_dir)
+    summary = trainer.train()
+    with open(run_dir / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
+    assert [bool(row["mIoU"]) for row in rows] == [False, True, True]  # epoch 2 and the last
+    assert "iou/disk" in rows[1]
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["best_epoch"] == summary["best_epoch"] in (2, 3)
+    assert math.isclose(saved["best_metrics"]["mIoU"], max(float(r["mIoU"]) for r in rows[1:]), rel_tol=1e-5)
+    assert (run_dir / "learning_curves.png").stat().st_size > 1000
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_gets_scalars_and_image_grid(tiny_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tiny_config["trainer"]["tensorboard"] = True
+    run_dir = tmp_path / "run"
+    make_trainer(tiny_config, run_dir).train()
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr/0", "val/mIoU", "val/val_loss", "val/iou/disk"} <= set(tags["scalars"])
+    assert len(events.Scalars("train/loss")) == 8  # log_per_iter 1, 4 iterations x 2 epochs
+    image = events.Images("val/image_groundtruth_prediction")[-1]
+    assert (image.width, image.height) == (3 * 32, 4 * 32)  # image | truth | prediction, 4 rows
