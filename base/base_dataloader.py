@@ -55,7 +55,7 @@ class EpochSampler(Sampler[int]):
             order = list(range(self.dataset_len))
         total = self._per_rank() * self.world_size
         if total > len(order):  # pad by repeating so every rank gets the same count
-            order += order[: total - len(order)]
+            order = (order * math.ceil(total / len(order)))[:total]
         mine = order[self.rank:total:self.world_size]
         return iter(mine[self.skip:])
 

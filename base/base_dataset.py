@@ -22,9 +22,9 @@ from torch.utils.data import Dataset
 
 from utils.errors import DataError
 
-# A value that no label mapping produces; marks raw label values that are neither
-# a class nor void.
-_INVALID = -1
+# A value that no label mapping produces (any ignore_index, even -1, differs from it);
+# marks raw label values that are neither a class nor void.
+_INVALID = np.iinfo(np.int64).min
 
 JointTransform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
@@ -169,7 +169,8 @@ def apply_label_lut(raw: np.ndarray, lut: np.ndarray, source: str, num_classes: 
 def read_image(path) -> np.ndarray:
     """Read an image file as RGB ``uint8``; a missing or corrupt file names the file."""
     data = _read_bytes(path)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    # imdecode returns None for undecodable bytes but raises on an empty buffer.
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

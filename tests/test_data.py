@@ -330,8 +330,6 @@ def test_transforms_see_the_mapped_label():
     assert seen[0].tolist() == [[0, IGNORE]]
 
 
-@pytest.mark.xfail(strict=True, reason="base/base_dataset.py: _INVALID = -1 collides with ignore_index=-1, "
-                                       "so void pixels are reported as invalid label values")
 def test_ignore_index_minus_one_maps_void():
     _, label = tiny([[0, 1, 7]], ignore_index=-1)[0]
     assert label.tolist() == [[0, 1, -1]]
@@ -378,8 +376,6 @@ def test_empty_label_file_names_the_path(tmp_path):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="base/base_dataset.py read_image: cv2.imdecode raises cv2.error "
-                                       "(!buf.empty()) on a zero-byte file instead of returning None")
 def test_empty_image_file_names_the_path(tmp_path):
     path = tmp_path / "empty.png"
     path.write_bytes(b"")
@@ -669,9 +665,6 @@ def test_rank_skip_drops_that_ranks_first_indices(monkeypatch):
         assert tail == whole[1:] and length == 3
 
 
-@pytest.mark.xfail(strict=True, reason="base/base_dataloader.py EpochSampler.__iter__: padding repeats the "
-                                       "order only once, so with world_size > 2 * dataset_len some ranks "
-                                       "yield fewer indices than len() promises")
 def test_every_rank_gets_len_indices_when_ranks_outnumber_samples(monkeypatch):
     for indices, length in shards(monkeypatch, 1, 3):
         assert len(indices) == length == 1
@@ -791,9 +784,6 @@ def test_validate_loader_rejects_bad_values(args, fragment):
     assert fragment in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="utils/config.py validate_loader does not check subset >= 1; "
-                                       "subset 0 passes validation and build_loader then raises a bare "
-                                       "ValueError from BaseDataSet.restrict")
 def test_validate_loader_rejects_subset_zero():
     with pytest.raises(ConfigError, match=r"train_loader\.args\.subset"):
         validate_loader(shapes_spec(subset=0), "train_loader")

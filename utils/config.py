@@ -172,6 +172,9 @@ def validate_loader(spec: Any, path: str) -> dict:
     loader_args = _check_keys(loader_args, LOADER_KEYS, f"{path}.args")
     if loader_args["batch_size"] < 1:
         raise ConfigError(f"{path}.args.batch_size: must be >= 1, got {loader_args['batch_size']}")
+    if loader_args["subset"] is not None and loader_args["subset"] < 1:
+        raise ConfigError(f"{path}.args.subset: must be >= 1 (or null for all samples), "
+                          f"got {loader_args['subset']}")
     if loader_args["num_workers"] < 0:
         raise ConfigError(f"{path}.args.num_workers: must be >= 0, got {loader_args['num_workers']}")
     loader_args["transforms"] = [
