@@ -1,0 +1,261 @@
+"""The command-line entry points: end to end runs and the error paths users meet."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import inference
+import train
+from dataloader.synthetic import make_sample
+from tests.conftest import CAMVID_DIR
+from utils.metrics import ConfusionMatrix, segmentation_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path: Path, config: dict, name: str = "config.json") -> str:
+    config["trainer"]["save_dir"] = str(tmp_path / "saved")
+    path = tmp_path / name
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ")
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny trained run: (config path, run folder)."""
+    import copy
+
+    from tests.conftest import TINY_CONFIG
+
+    tmp_path = tmp_path_factory.mktemp("trained")
+    config = copy.deepcopy(TINY_CONFIG)
+    config_path = write_config(tmp_path, config)
+    run_dir = tmp_path / "run"
+    assert train.main(["-c", config_path, "--run-dir", str(run_dir), "--device", "cpu"]) == 0
+    return config_path, run_dir
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Three synthetic validation images and their labels, as PNG files."""
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for i in range(3):
+        image, label = make_sample(0, "val", i, 32)
+        cv2.imwrite(str(images / f"img{i}.png"), image[..., ::-1])
+        Image.fromarray(label).save(labels / f"img{i}.png")
+    return images, labels
+
+
+def test_train_writes_the_run_folder(trained, capsys):
+    _, run_dir = trained
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "checkpoint.pth", "best_model.pth", "metrics.csv", "summary.json",
+            "learning_curves.png", "train.log"} <= names
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["arch"]["args"]["depth"] == 2 and saved["trainer"]["early_stop"] == 0  # resolved
+
+
+def test_train_default_run_dir_and_overrides(tmp_path, tiny_config, capsys):
+    config_path = write_config(tmp_path, tiny_config)
+    assert train.main(["-c", config_path, "--set", "trainer.epochs=1", "--set", "name=override"]) == 0
+    out = capsys.readouterr().out
+    runs = list((tmp_path / "saved" / "override").iterdir())
+    assert len(runs) == 1 and len(runs[0].name) == len("20260101-120000")
+    assert f"Run saved in {runs[0]}" in out and "Validation mIoU: " in out
+    assert json.loads((runs[0] / "summary.json").read_text())["epochs_trained"] == 1
+
+
+def test_resume_from_checkpoint_alone_continues_in_its_folder(trained, tmp_path, capsys):
+    _, run_dir = trained
+    copy_dir = tmp_path / "copy"
+    copy_dir.mkdir()
+    (copy_dir / "checkpoint.pth").write_bytes((run_dir / "checkpoint.pth").read_bytes())
+    assert train.main(["--resume", str(copy_dir / "checkpoint.pth"), "--set", "trainer.epochs=3"]) == 0
+    summary = json.loads((copy_dir / "summary.json").read_text())
+    assert summary["epochs_trained"] == 3  # two from the checkpoint's history, one new
+    assert [r["epoch"] for r in torch.load(copy_dir / "checkpoint.pth", weights_only=True)["history"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda c: c["trainer"].update(epochs="2"), "trainer.epochs: expected an integer, got '2'"),
+    (lambda c: c["arch"]["args"].update(bakbone="x"), "arch.args.bakbone: unknown argument for model 'UNet'"),
+    (lambda c: c.update(lr_scheduler={"type": "Ploy"}), "lr_scheduler.type: unknown lr scheduler 'Ploy'. "
+                                                        "Did you mean 'Poly'?"),
+])
+def test_train_config_errors(tmp_path, tiny_config, capsys, mutate, expected):
+    mutate(tiny_config)
+    assert train.main(["-c", write_config(tmp_path, tiny_config)]) == 2
+    assert expected in one_line_error(capsys)
+    assert not (tmp_path / "saved").exists()  # nothing created for a bad config
+
+
+def test_train_malformed_json(tmp_path, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text('{"name": "x",\n "seed": }')
+    assert train.main(["-c", str(path)]) == 2
+    assert one_line_error(capsys) == f"error: {path}:2:10: invalid JSON: Expecting value"
+
+
+def test_train_missing_data_directory(tmp_path, tiny_config, capsys):
+    tiny_config["train_loader"] = {"type": "CamVid", "args": {"data_dir": str(tmp_path / "nowhere")}}
+    tiny_config["val_loader"] = None
+    assert train.main(["-c", write_config(tmp_path, tiny_config)]) == 2
+    err = one_line_error(capsys)
+    assert f"CamVid data directory {tmp_path / 'nowhere'} does not exist; expected the SegNet layout" in err
+
+
+def test_train_bad_override_and_device(tmp_path, tiny_config, capsys):
+    path = write_config(tmp_path, tiny_config)
+    assert train.main(["-c", path, "--set", "trainer.epochs=many"]) == 2
+    assert "--set trainer.epochs: expected int like the config's 2, got 'many'" in one_line_error(capsys)
+    assert train.main(["-c", path, "--device", "tpu"]) == 2
+    assert "--device tpu: expected cpu, cuda or cuda:N" in one_line_error(capsys)
+
+
+def test_train_resume_with_wrong_number_of_classes(trained, tmp_path, capsys):
+    _, run_dir = trained
+    config = {"name": "cv", "arch": {"type": "UNet", "args": {"base_channels": 4, "depth": 2}},
+              "train_loader": {"type": "CamVid", "args": {"data_dir": str(CAMVID_DIR), "subset": 2}},
+              "optimizer": {"type": "SGD", "args": {"lr": 0.01}}, "trainer": {"epochs": 1}}
+    if not CAMVID_DIR.is_dir():
+        pytest.skip("CamVid not available")
+    path = write_config(tmp_path, config)
+    assert train.main(["-c", path, "--resume", str(run_dir / "checkpoint.pth"),
+                       "--run-dir", str(tmp_path / "r")]) == 2
+    assert "checkpoint predicts 5 classes, but the data set has 11" in one_line_error(capsys)
+
+
+def test_inference_writes_palette_pngs_overlays_and_results(trained, image_folder, tmp_path, capsys):
+    config_path, run_dir = trained
+    images, labels = image_folder
+    out = tmp_path / "out"
+    assert inference.main(["-c", config_path, "-m", str(run_dir / "best_model.pth"), "-i", str(images),
+                           "-o", str(out), "--labels", str(labels), "--device", "cpu"]) == 0
+
+    predictor, _ = inference.load_predictor(config_path, str(run_dir / "best_model.pth"), torch.device("cpu"))
+    confusion = ConfusionMatrix(5)
+    for i in range(3):
+        written = Image.open(out / f"img{i}.png")
+        assert written.mode == "P"
+        assert written.getpalette()[:6] == [0, 0, 0, 230, 25, 75]  # background, disk
+        image = cv2.imread(str(images / f"img{i}.png"))[..., ::-1]
+        expected = predictor.predict(image)
+        assert np.array_equal(np.array(written), expected)
+        assert Image.open(out / f"img{i}_overlay.png").size == (32, 32)
+        confusion.update(torch.from_numpy(expected), torch.from_numpy(make_sample(0, "val", i, 32)[1]).long())
+    results = json.loads((out / "results.json").read_text())
+    expected_metrics = segmentation_metrics(confusion.matrix, ["background", "disk", "square", "triangle", "ring"])
+    assert results["num_images"] == 3
+    assert results["mIoU"] == pytest.approx(expected_metrics["mIoU"])
+    for got, want in zip(results["class_iou"], expected_metrics["class_iou"]):
+        assert (got is None and want is None) or got == pytest.approx(want)
+    text = (out / "results.txt").read_text()
+    assert f"mIoU           {expected_metrics['mIoU']:.4f}" in text
+
+
+def test_inference_uses_checkpoint_config_without_c(trained, image_folder, tmp_path):
+    _, run_dir = trained
+    images, _ = image_folder
+    assert inference.main(["-m", str(run_dir / "checkpoint.pth"), "-i", str(images), "-o", str(tmp_path / "o"),
+                           "--extension", "png"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "img0.png", "img0_overlay.png", "img1.png", "img1_overlay.png", "img2.png", "img2_overlay.png"]
+
+
+def test_inference_errors(trained, image_folder, tmp_path, capsys):
+    config_path, run_dir = trained
+    images, labels = image_folder
+    checkpoint = str(run_dir / "best_model.pth")
+    base = ["-c", config_path, "-m", checkpoint, "-o", str(tmp_path / "o")]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert inference.main(base + ["-i", str(empty)]) == 2
+    assert f"{empty}: no images with extension png, jpg" in one_line_error(capsys)
+
+    assert inference.main(base + ["-i", str(images), "--extension", "jpg"]) == 2
+    assert "no images with extension jpg" in one_line_error(capsys)
+
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"garbage")
+    assert inference.main(["-c", config_path, "-m", str(broken), "-i", str(images), "-o", str(tmp_path / "o")]) == 2
+    assert f"{broken}: not a readable checkpoint" in one_line_error(capsys)
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "a.png").write_bytes(b"\x89PNG not really")
+    assert inference.main(base + ["-i", str(corrupt)]) == 2
+    assert f"{corrupt / 'a.png'}: not a readable image" in one_line_error(capsys)
+
+    Image.fromarray(np.full((32, 32), 9, np.uint8)).save(labels / "img1.png")
+    assert inference.main(base + ["-i", str(images), "--labels", str(labels)]) == 2
+    assert f"{labels / 'img1.png'}: label value 9 is neither a class (0-4) nor void" in one_line_error(capsys)
+
+    Image.fromarray(np.zeros((16, 20), np.uint8)).save(labels / "img1.png")
+    assert inference.main(base + ["-i", str(images), "--labels", str(labels)]) == 2
+    err = one_line_error(capsys)
+    assert f"{labels / 'img1.png'}: label is 20x16 but image {images / 'img1.png'} is 32x32" in err
+
+    (labels / "img1.png").unlink()
+    assert inference.main(base + ["-i", str(images), "--labels", str(labels)]) == 2
+    assert "no label file for image 'img1'" in one_line_error(capsys)
+
+
+def test_inference_checkpoint_of_another_model(trained, image_folder, tmp_path, tiny_config, capsys):
+    _, run_dir = trained
+    images, _ = image_folder
+    tiny_config["arch"]["args"]["depth"] = 3
+    other = write_config(tmp_path, tiny_config, "other.json")
+    assert inference.main(["-c", other, "-m", str(run_dir / "best_model.pth"), "-i", str(images),
+                           "-o", str(tmp_path / "o")]) == 2
+    assert "weights do not fit the configured 'UNet' model" in one_line_error(capsys)
+
+
+def test_cli_subprocess_prints_no_traceback(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "-c", str(bad)], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {bad}:1:2: invalid JSON: "
+                                                   "Expecting property name enclosed in double quotes"]
+
+
+@pytest.mark.skipif(not CAMVID_DIR.is_dir(), reason="CamVid not available")
+def test_camvid_run_for_a_few_iterations(tmp_path, capsys):
+    overrides = ["trainer.epochs=1", "trainer.tensorboard=false", "trainer.progress_bar=false",
+                 "arch.args.base_channels=4", "arch.args.depth=2",
+                 "train_loader.args.subset=4", "train_loader.args.batch_size=2", "train_loader.args.num_workers=0",
+                 'train_loader.args.transforms=[{"type": "RandomScale", "args": {"min_scale": 0.25, '
+                 '"max_scale": 0.3}}, {"type": "RandomCrop", "args": {"size": [64, 96]}}]',
+                 "val_loader.args.subset=2", "val_loader.args.num_workers=0",
+                 f"train_loader.args.data_dir={CAMVID_DIR}", f"val_loader.args.data_dir={CAMVID_DIR}",
+                 f"cache_dir={tmp_path / 'cache'}"]
+    args = ["-c", str(ROOT / "configs" / "camvid_unet.json"), "--run-dir", str(tmp_path / "run")]
+    for item in overrides:
+        args += ["--set", item]
+    assert train.main(args) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    metrics = summary["last_metrics"]
+    assert 0.0 <= metrics["mIoU"] <= 1.0 and metrics["epoch"] == 1
+    assert "iou/Bicyclist" in metrics
+    assert len(list((tmp_path / "cache").glob("class_weights_*.json"))) == 1  # median-frequency weights
