@@ -32,7 +32,11 @@ def _pair(value: int | list[int], name: str) -> tuple[int, int]:
 
 @TRANSFORMS.register
 class Resize:
-    """Resize to a fixed ``[height, width]``; an int resizes the shorter side to it."""
+    """Resize to a fixed ``[height, width]``; an int resizes the shorter side to it.
+
+    Args:
+        size: ``[height, width]``, or one int for the shorter side (aspect ratio kept).
+    """
 
     def __init__(self, size: int | list[int], ignore_index: int = 255) -> None:
         self.size = size if isinstance(size, int) else _pair(size, "size")
@@ -49,7 +53,12 @@ class Resize:
 
 @TRANSFORMS.register
 class RandomScale:
-    """Rescale by a factor drawn uniformly from ``[min_scale, max_scale]``."""
+    """Rescale by a factor drawn uniformly from ``[min_scale, max_scale]``.
+
+    Args:
+        min_scale: smallest scale factor.
+        max_scale: largest scale factor.
+    """
 
     def __init__(self, min_scale: float = 0.5, max_scale: float = 2.0, ignore_index: int = 255) -> None:
         if not 0 < min_scale <= max_scale:
@@ -68,6 +77,10 @@ class RandomCrop:
 
     The image is padded with ``pad_value`` (default: black) and the label with
     ``ignore_index`` so the padding never counts as a class.
+
+    Args:
+        size: ``[height, width]`` of the crop, or one int for a square.
+        pad_value: image value of the padding (0-255, all channels).
     """
 
     def __init__(self, size: int | list[int], pad_value: int = 0, ignore_index: int = 255) -> None:
@@ -91,7 +104,11 @@ class RandomCrop:
 
 @TRANSFORMS.register
 class RandomHorizontalFlip:
-    """Mirror left-right with probability ``p``."""
+    """Mirror left-right with probability ``p``.
+
+    Args:
+        p: probability of flipping.
+    """
 
     def __init__(self, p: float = 0.5, ignore_index: int = 255) -> None:
         if not 0 <= p <= 1:
@@ -110,6 +127,9 @@ class RandomRotate:
 
     Corners that come from outside the image are black in the image and
     ``ignore_index`` in the label.
+
+    Args:
+        degrees: largest rotation in degrees, either way.
     """
 
     def __init__(self, degrees: float = 10.0, ignore_index: int = 255) -> None:
@@ -131,7 +151,12 @@ class RandomRotate:
 
 @TRANSFORMS.register
 class GaussianBlur:
-    """Blur the image (not the label) with probability ``p``, sigma in ``[0.1, max_sigma]``."""
+    """Blur the image (not the label) with probability ``p``, sigma in ``[0.1, max_sigma]``.
+
+    Args:
+        p: probability of blurring.
+        max_sigma: largest Gaussian sigma in pixels.
+    """
 
     def __init__(self, p: float = 0.5, max_sigma: float = 1.5, ignore_index: int = 255) -> None:
         if not 0 <= p <= 1 or max_sigma <= 0:
@@ -146,7 +171,12 @@ class GaussianBlur:
 
 @TRANSFORMS.register
 class ColorJitter:
-    """Random brightness and contrast factors in ``[1 - x, 1 + x]``, applied to the image only."""
+    """Random brightness and contrast factors in ``[1 - x, 1 + x]``, applied to the image only.
+
+    Args:
+        brightness: largest relative brightness change.
+        contrast: largest relative contrast change (about the image mean).
+    """
 
     def __init__(self, brightness: float = 0.2, contrast: float = 0.2, ignore_index: int = 255) -> None:
         if brightness < 0 or contrast < 0:

@@ -89,6 +89,11 @@ class OneCycle(_IterationSchedule):
     training, then cosine decay to ``lr / (div_factor * final_div_factor)``.
     Unlike ``torch.optim.lr_scheduler.OneCycleLR`` it leaves momentum alone and
     its state is only the iteration count, so it resumes with a changed length.
+
+    Args:
+        pct_start: fraction of the iterations spent rising to the peak lr.
+        div_factor: the first lr is ``lr / div_factor``.
+        final_div_factor: the last lr is ``lr / (div_factor * final_div_factor)``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, num_epochs: int, iters_per_epoch: int,

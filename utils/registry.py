@@ -40,7 +40,8 @@ def describe_type(annotation: Any) -> str:
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (list, tuple, Sequence):
-        inner = describe_type(args[0]) if args else "any value"
+        plurals = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+        inner = plurals.get(args[0], describe_type(args[0])) if args else "values"
         return f"a list of {inner}"
     if origin in (dict, Mapping):
         return "an object"
