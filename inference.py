@@ -24,7 +24,7 @@ from base.base_dataset import BaseDataSet, apply_label_lut, read_image, read_lab
 from utils.build import build_model, dataset_class, dataset_meta, select_device
 from utils.checkpoint import load_checkpoint, load_model_weights
 from utils.config import load_config
-from utils.errors import ConfigError, DataError, UserError
+from utils.errors import ConfigError, DataError, UserError, user_message
 from utils.metrics import ConfusionMatrix, segmentation_metrics
 from utils.visualize import overlay, save_palette_png
 
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
     return 0
 

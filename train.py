@@ -24,7 +24,7 @@ from utils.build import (build_loader, build_loss, build_model, build_optimizer,
                          dataset_class, dataset_meta, select_device)
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
-from utils.errors import ConfigError, UserError
+from utils.errors import ConfigError, UserError, user_message
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,15 +66,14 @@ def make_run_dir(config: dict, args: argparse.Namespace) -> Path:
     return run_dir
 
 
-def build_trainer(config: dict, device: torch.device, run_dir: Path) -> Trainer:
-    """Build every configured object and hand them to the trainer."""
-    seed = config["seed"]
+def build_components(config: dict, device: torch.device) -> dict:
+    """Build every configured object; bad data or arguments fail here, before the run folder exists."""
     train_loader = build_loader(config, "train_loader")
     val_loader = build_loader(config, "val_loader") if config["val_loader"] is not None else None
     if len(train_loader) == 0:
         raise ConfigError("train_loader: no batch to train on (fewer samples than batch_size with drop_last?)")
 
-    torch.manual_seed(seed)  # weight initialisation
+    torch.manual_seed(config["seed"])  # weight initialisation
     model = build_model(config).to(device)
     if distributed.is_distributed():
         if config["use_synch_bn"]:
@@ -84,30 +83,33 @@ def build_trainer(config: dict, device: torch.device, run_dir: Path) -> Trainer:
     elif config["n_gpu"] > 1:
         warnings.warn(f"n_gpu is {config['n_gpu']} but this is a single process; to use several GPUs run "
                       f"torchrun --nproc_per_node={config['n_gpu']} train.py -c CONFIG", stacklevel=1)
-    raw_model = getattr(model, "module", model)
-    loss = build_loss(config, train_loader.dataset).to(device)
-    optimizer = build_optimizer(config, raw_model)
-    scheduler = build_scheduler(config, optimizer, len(train_loader))
+    optimizer = build_optimizer(config, getattr(model, "module", model))
+    return {"model": model, "train_loader": train_loader, "val_loader": val_loader, "optimizer": optimizer,
+            "loss": build_loss(config, train_loader.dataset).to(device),
+            "lr_scheduler": build_scheduler(config, optimizer, len(train_loader))}
 
+
+def build_trainer(config: dict, device: torch.device, run_dir: Path, components: dict | None = None) -> Trainer:
+    """The trainer of ``config``, writing to ``run_dir`` (which must exist on rank 0)."""
+    components = components if components is not None else build_components(config, device)
     settings = config["trainer"]
     tb_dir = None
     if settings["tensorboard"]:
         tb_dir = (Path(settings["log_dir"]) / config["name"] / run_dir.name
                   if settings["log_dir"] else run_dir / "tensorboard")
-    return Trainer(model=model, loss=loss, optimizer=optimizer, lr_scheduler=scheduler,
-                   train_loader=train_loader, val_loader=val_loader, device=device, run_dir=run_dir,
-                   settings=settings, config=config, meta=dataset_meta(config), seed=seed,
-                   amp=config["amp"], aux_loss_weight=config["aux_loss_weight"],
-                   ignore_index=config["ignore_index"], denormalize=dataset_class(config).denormalize,
-                   tensorboard_dir=tb_dir)
+    return Trainer(**components, device=device, run_dir=run_dir, settings=settings, config=config,
+                   meta=dataset_meta(config), seed=config["seed"], amp=config["amp"],
+                   aux_loss_weight=config["aux_loss_weight"], ignore_index=config["ignore_index"],
+                   denormalize=dataset_class(config).denormalize, tensorboard_dir=tb_dir)
 
 
 def run(args: argparse.Namespace) -> dict:
     config = resolve_config(args)
     device = select_device(args.device)
     distributed.init_process_group(device)
+    components = build_components(config, device)
     run_dir = make_run_dir(config, args)
-    trainer = build_trainer(config, device, run_dir)
+    trainer = build_trainer(config, device, run_dir, components)
     if distributed.is_main_process():
         (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if args.resume is not None:
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{exc}\nResume with: python train.py --resume {exc.checkpoint}", file=sys.stderr)
         return 130
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
     finally:
         if distributed.is_distributed():

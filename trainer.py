@@ -157,10 +157,8 @@ class Trainer(BaseTrainer):
                                    self.ignore_index)
             self.tb.image("val/image_groundtruth_prediction", grid, epoch)
 
-    def _finish(self) -> dict:
-        summary = super()._finish()
+    def close(self) -> None:
         self.tb.close()
-        return summary
 
 
 def _reduced_mean(total: float, count: int, device: torch.device) -> float:

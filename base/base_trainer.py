@@ -105,11 +105,17 @@ class BaseTrainer:
     def train(self) -> dict:
         """Train to the last epoch (or early stop); returns the summary."""
         self.logger.info(f"Run folder: {self.run_dir}")
-        with self._catch_sigint():
-            for epoch in range(self.start_epoch, self.epochs + 1):
-                if self._run_epoch(epoch):
-                    break
-        return self._finish()
+        try:
+            with self._catch_sigint():
+                for epoch in range(self.start_epoch, self.epochs + 1):
+                    if self._run_epoch(epoch):
+                        break
+            return self._finish()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release logging resources (called when training ends, however it ends)."""
 
     def _run_epoch(self, epoch: int) -> bool:
         """One epoch; returns True when early stopping ends training."""

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -259,3 +261,43 @@ def test_camvid_run_for_a_few_iterations(tmp_path, capsys):
     assert 0.0 <= metrics["mIoU"] <= 1.0 and metrics["epoch"] == 1
     assert "iou/Bicyclist" in metrics
     assert len(list((tmp_path / "cache").glob("class_weights_*.json"))) == 1  # median-frequency weights
+
+
+def test_bad_label_in_a_worker_is_one_readable_line(tmp_path, tiny_config, capsys):
+    """An error raised inside a DataLoader worker reaches the user without the worker's traceback."""
+    data = tmp_path / "camvid"
+    for folder in ("train", "trainannot"):
+        (data / folder).mkdir(parents=True)
+    for i in range(2):
+        cv2.imwrite(str(data / "train" / f"f{i}.png"), np.zeros((32, 32, 3), np.uint8))
+        Image.fromarray(np.full((32, 32), 12 if i else 3, np.uint8)).save(data / "trainannot" / f"f{i}.png")
+    tiny_config["train_loader"] = {"type": "CamVid", "args": {"data_dir": str(data), "batch_size": 1,
+                                                              "num_workers": 1, "transforms": []}}
+    tiny_config["val_loader"] = None
+    assert train.main(["-c", write_config(tmp_path, tiny_config), "--run-dir", str(tmp_path / "run")]) == 2
+    err = one_line_error(capsys)
+    assert err == f"error: {data / 'trainannot' / 'f1.png'}: label value 12 is neither a class (0-10) nor void"
+
+
+def test_ctrl_c_on_the_command_line_saves_and_exits_130(tmp_path, tiny_config):
+    tiny_config["trainer"]["epochs"] = 1000
+    config_path = write_config(tmp_path, tiny_config)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-c", config_path, "--run-dir",
+                                str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoint.pth").exists():  # written after every epoch (save_period 1)
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert f"checkpoint saved to {run_dir / 'checkpoint.pth'}" in err
+    assert f"Resume with: python train.py --resume {run_dir / 'checkpoint.pth'}" in err
+    state = torch.load(run_dir / "checkpoint.pth", weights_only=True)
+    assert state["epoch"] >= 1 and len(state["history"]) >= 1

@@ -205,3 +205,13 @@ def test_tensorboard_gets_scalars_and_image_grid(tiny_config, tmp_path):
     assert len(events.Scalars("train/loss")) == 8  # log_per_iter 1, 4 iterations x 2 epochs
     image = events.Images("val/image_groundtruth_prediction")[-1]
     assert (image.width, image.height) == (3 * 32, 4 * 32)  # image | truth | prediction, 4 rows
+
+
+def test_mixed_precision_on_the_cpu(tiny_config, tmp_path):
+    tiny_config["amp"] = True
+    trainer = make_trainer(tiny_config, tmp_path / "run")
+    assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    summary = trainer.train()
+    assert math.isfinite(summary["last_metrics"]["train_loss"])
+    assert all(v.dtype == torch.float32 for v in trainer.unwrapped_model.state_dict().values()
+               if v.is_floating_point())  # autocast keeps float32 master weights

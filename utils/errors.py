@@ -24,3 +24,14 @@ class CheckpointError(UserError):
 
 class TrainingError(UserError):
     """Training cannot go on (for example the loss became NaN)."""
+
+
+def user_message(exc: UserError) -> str:
+    """The error's own message, without the traceback text a DataLoader worker wraps around it."""
+    message = str(exc)
+    if "Original Traceback" not in message:
+        return message
+    # A worker's error arrives as "Caught DataError in DataLoader worker process 0.
+    # Original Traceback ...: <type>: <message>"; keep the message.
+    last = [line for line in message.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if last.startswith(f"{type(exc).__module__}.{type(exc).__name__}: ") else last

@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ from utils import distributed
 
 
 def run_logger(run_dir: Path | None, name: str = "segmentation") -> logging.Logger:
-    """A logger printing to stderr and appending to ``run_dir/train.log`` (main process only).
+    """A logger printing to stdout and appending to ``run_dir/train.log`` (main process only).
+
+    Errors are not logged here: the entry points print them to stderr.
 
     It does not touch the root logger, so importing or calling this has no global effect.
     """
@@ -27,7 +30,7 @@ def run_logger(run_dir: Path | None, name: str = "segmentation") -> logging.Logg
     for handler in list(logger.handlers):
         handler.close()
         logger.removeHandler(handler)
-    console = logging.StreamHandler()
+    console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
     if run_dir is not None and distributed.is_main_process():
