@@ -1,7 +1,7 @@
 """Training throughput of the framework's trainer loop against a bare PyTorch loop.
 
     python bench/train_step.py [--model UNet] [--batch-size 16] [--size 64] [--iters 30]
-                               [--repeats 5] [--warmup 5] [--threads N] [--check]
+                               [--repeats 5] [--warmup 5] [--threads N] [--default-malloc] [--check]
 
 Both loops train the same architecture from the same initial weights, with the
 optimizer, per-iteration lr schedule and loss that ``config.json`` configures,
@@ -52,11 +52,10 @@ def keep_freed_memory() -> bool:
     """Stop glibc from returning freed tensor memory to the OS; False where that is not possible.
 
     By default every iteration unmaps its multi-MB activations and faults them
-    back in the next (~15k page faults per UNet step here, ~20% of its time).
-    On a shared VM the cost of those faults swings with the host's load and
-    made single repetitions 10x slower. Both loops run in this process, so
-    the comparison stays fair; only the absolute img/s is higher than with
-    the default allocator settings.
+    back in the next: ~15k page faults per default UNet step on the 2-core
+    test VM, ~20% of its time, and a cost that varies with the host's load,
+    which adds noise. Both loops run in this process, so the comparison stays
+    fair; only the absolute img/s is higher than with glibc's defaults.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -151,6 +150,11 @@ def trainer_epoch(trainer: Trainer, epoch: int, loader: InMemoryLoader) -> None:
     trainer._train_epoch(epoch, 0)
 
 
+def seed_epoch(seed: int, epoch: int) -> None:
+    """The per-epoch seed of ``BaseTrainer._run_epoch``, so both loops draw the same dropout masks."""
+    torch.manual_seed(seed * 1_000_003 + epoch)
+
+
 def timed(fn, *fn_args) -> float:
     start = time.perf_counter()
     fn(*fn_args)
@@ -167,7 +171,7 @@ def sinks_description(trainer: Trainer) -> str:
         bar = "on (drawn: stderr is a TTY)"
     else:
         bar = "on in config, not drawn (stderr is not a TTY, tqdm disable=None)"
-    return f"TensorBoard {tb}; progress bar {bar}; log file train.log on"
+    return f"TensorBoard {tb}; progress bar {bar}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,16 +204,22 @@ def main(argv: list[str] | None = None) -> int:
               f"lr_scheduler {config['lr_scheduler']['type']} (per iteration) | loss {config['loss']['type']}")
         print(f"trainer sinks: {sinks_description(trainer)}")
 
+        seed = config["seed"]
+        seed_epoch(seed, 1)
         bare_epoch(model, loss_fn, optimizer, scheduler, warm.batches, aux_weight)
+        seed_epoch(seed, 1)
         trainer_epoch(trainer, 1, warm)
         images_per_rep = args.iters * args.batch_size
         bare_rates, trainer_rates = [], []
         for rep in range(args.repeats):
+            epoch = rep + 2
+            seed_epoch(seed, epoch)
             bare_rates.append(images_per_rep / timed(bare_epoch, model, loss_fn, optimizer, scheduler,
                                                      batches, aux_weight))
-            trainer_rates.append(images_per_rep / timed(trainer_epoch, trainer, rep + 2, full))
+            seed_epoch(seed, epoch)
+            trainer_rates.append(images_per_rep / timed(trainer_epoch, trainer, epoch, full))
             print(f"  repeat {rep + 1}: bare {bare_rates[-1]:7.1f} img/s   trainer {trainer_rates[-1]:7.1f} img/s")
-        trainer.tb.close()
+        trainer.close()  # flushes and closes the TensorBoard writer
 
         # Same weights, data and steps: the two models must have followed the same path.
         drift = max((a - b).abs().max().item() for a, b in

@@ -47,7 +47,3 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()

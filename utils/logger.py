@@ -41,16 +41,10 @@ def run_logger(run_dir: Path | None, name: str = "segmentation") -> logging.Logg
 
 
 class MetricsCSV:
-    """``metrics.csv``: one row per validation (appends when a run is resumed)."""
+    """``metrics.csv``: one row per epoch, rewritten whole from the run's history."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-
-    def rows(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        with open(self.path, newline="") as handle:
-            return list(csv.DictReader(handle))
 
     def write_all(self, rows: list[dict]) -> None:
         """Rewrite the file with ``rows`` (a resumed run passes its full history)."""
