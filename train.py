@@ -124,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary = run(args)
+        report = distributed.is_main_process()  # asked before the process group is gone
     except TrainingInterrupted as exc:
-        print(f"{exc}\nResume with: python train.py --resume {exc.checkpoint}", file=sys.stderr)
+        if distributed.is_main_process():
+            print(f"{exc}\nResume with: python train.py --resume {exc.checkpoint}", file=sys.stderr)
         return 130
     except UserError as exc:
         print(f"error: {user_message(exc)}", file=sys.stderr)
@@ -133,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if distributed.is_distributed():
             torch.distributed.destroy_process_group()
-    best = summary.get("best_metrics") or summary.get("last_metrics") or {}
-    if distributed.is_main_process():
+    if report:
+        best = summary.get("best_metrics") or summary.get("last_metrics") or {}
         if "mIoU" in best:
             print(f"Validation mIoU: {best['mIoU']:.4f} (epoch {best['epoch']})")
         print(f"Run saved in {summary['run_dir']}")
