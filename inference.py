@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from base.base_dataset import BaseDataSet, apply_label_lut, read_image, read_label
-from utils.build import build_model, dataset_class, dataset_meta, select_device
+from base.base_dataset import apply_label_lut, normalize, read_image, read_label
+from utils.build import build_model, dataset_class, dataset_meta, make_dir, select_device
 from utils.checkpoint import load_checkpoint, load_model_weights
 from utils.config import load_config
 from utils.errors import ConfigError, DataError, UserError, user_message
 from utils.metrics import ConfusionMatrix, segmentation_metrics
-from utils.visualize import overlay, save_palette_png
+from utils.visualize import overlay, save_palette_png, save_rgb_png
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp")
 
@@ -74,13 +74,10 @@ class Predictor:
         self.model = model.to(device).eval()
         self.meta = meta
         self.device = device
-        self.mean = torch.tensor(meta["mean"], device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(meta["std"], device=device).view(1, 3, 1, 1)
 
     @torch.no_grad()
     def predict(self, image: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float()
-        x = (x / 255.0 - self.mean) / self.std
+        x = normalize(image, self.meta["mean"], self.meta["std"])[None].to(self.device)
         return self.model(x)["out"].argmax(dim=1)[0].cpu().numpy()
 
 
@@ -94,7 +91,7 @@ def load_predictor(config_path: str | None, checkpoint_path: str, device: torch.
     else:
         raise ConfigError(f"{checkpoint_path}: the checkpoint holds no config; pass one with -c")
     meta = state.get("meta") or dataset_meta(config)
-    model = build_model(config)
+    model = build_model(config, pretrained=False)  # the checkpoint holds every weight
     load_model_weights(model, state, checkpoint_path, config["arch"]["type"], dataset_class(config).num_classes())
     return Predictor(model, meta, device), config
 
@@ -105,10 +102,13 @@ def run(args: argparse.Namespace) -> dict | None:
     label_dir = Path(args.labels) if args.labels else None
     if label_dir is not None and not label_dir.is_dir():
         raise DataError(f"{label_dir}: label folder does not exist")
+    out_dir = Path(args.output)
+    if out_dir.resolve() in (Path(args.images).resolve(), label_dir and label_dir.resolve()):
+        raise ConfigError(f"-o {out_dir}: the output folder must not be the image or label folder "
+                          "(predictions would overwrite them)")
     predictor, config = load_predictor(args.config, args.model, device)
     meta = predictor.meta
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir, "-o")
 
     confusion = lut = None
     if label_dir is not None:
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict | None:
         pred = predictor.predict(image)
         save_palette_png(pred, meta["palette"], out_dir / f"{path.stem}.png")
         blended = overlay(image, pred, meta["palette"], args.alpha)
-        save_palette_free_png(blended, out_dir / f"{path.stem}_overlay.png")
+        save_rgb_png(blended, out_dir / f"{path.stem}_overlay.png")
         if confusion is not None:
             label_path = find_label(label_dir, path.stem)
             label = apply_label_lut(read_label(label_path), lut, str(label_path), meta["num_classes"])
@@ -135,11 +135,6 @@ def run(args: argparse.Namespace) -> dict | None:
     (out_dir / "results.txt").write_text(format_results(results, meta["class_names"]))
     print(format_results(results, meta["class_names"]), end="")
     return results
-
-
-def save_palette_free_png(rgb: np.ndarray, path: Path) -> None:
-    from PIL import Image
-    Image.fromarray(rgb).save(path)
 
 
 def format_results(results: dict, class_names: list[str]) -> str:

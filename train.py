@@ -9,7 +9,6 @@ shard of the data and rank 0 writes the run folder.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from datetime import datetime
@@ -21,10 +20,11 @@ from base.base_trainer import TrainingInterrupted
 from trainer import Trainer
 from utils import distributed
 from utils.build import (build_loader, build_loss, build_model, build_optimizer, build_scheduler,
-                         dataset_class, dataset_meta, select_device)
+                         dataset_class, dataset_meta, make_dir, select_device)
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
 from utils.errors import ConfigError, UserError, user_message
+from utils.files import write_json
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,22 +62,29 @@ def make_run_dir(config: dict, args: argparse.Namespace) -> Path:
         while run_dir.exists():  # two runs started in the same second
             run_dir, suffix = base.with_name(f"{base.name}-{suffix}"), suffix + 1
     if distributed.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(run_dir, "--run-dir" if args.run_dir else "trainer.save_dir")
     return run_dir
 
 
-def build_components(config: dict, device: torch.device) -> dict:
-    """Build every configured object; bad data or arguments fail here, before the run folder exists."""
+def build_components(config: dict, device: torch.device, resuming: bool = False) -> dict:
+    """Build every configured object; bad data or arguments fail here, before the run folder exists.
+
+    When ``resuming``, ImageNet weights are not loaded: the checkpoint replaces them.
+    """
     train_loader = build_loader(config, "train_loader")
     val_loader = build_loader(config, "val_loader") if config["val_loader"] is not None else None
     if len(train_loader) == 0:
-        raise ConfigError("train_loader: no batch to train on (fewer samples than batch_size with drop_last?)")
+        raise ConfigError(f"train_loader: {len(train_loader.dataset)} samples make no full batch of "
+                          f"batch_size {train_loader.batch_size} (drop_last is true); lower batch_size")
 
     torch.manual_seed(config["seed"])  # weight initialisation
-    model = build_model(config).to(device)
+    model = build_model(config, pretrained=not resuming).to(device)
     if distributed.is_distributed():
-        if config["use_synch_bn"]:
+        if config["use_synch_bn"] and device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif config["use_synch_bn"]:
+            warnings.warn("use_synch_bn: SyncBatchNorm needs CUDA; each CPU process keeps its own "
+                          "batch statistics", stacklevel=1)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     elif config["n_gpu"] > 1:
@@ -107,11 +114,11 @@ def run(args: argparse.Namespace) -> dict:
     config = resolve_config(args)
     device = select_device(args.device)
     distributed.init_process_group(device)
-    components = build_components(config, device)
+    components = build_components(config, device, resuming=args.resume is not None)
     run_dir = make_run_dir(config, args)
     trainer = build_trainer(config, device, run_dir, components)
     if distributed.is_main_process():
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_json(config, run_dir / "config.json")
     if args.resume is not None:
         trainer.resume(args.resume)
     trainer.logger.info(f"Training {config['arch']['type']} on {config['train_loader']['type']} "
@@ -130,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{exc}\nResume with: python train.py --resume {exc.checkpoint}", file=sys.stderr)
         return 130
     except UserError as exc:
-        print(f"error: {user_message(exc)}", file=sys.stderr)
+        rank = f"[rank {distributed.get_rank()}] " if distributed.is_distributed() else ""
+        print(f"{rank}error: {user_message(exc)}", file=sys.stderr)
         return 2
     finally:
         if distributed.is_distributed():

@@ -53,7 +53,7 @@ class Trainer(BaseTrainer):
         self.denormalize = denormalize
         self.confusion = ConfusionMatrix(meta["num_classes"], ignore_index, device=device)
         self.tb = TensorBoard(tensorboard_dir)
-        self.show_progress = settings.get("progress_bar", True) and distributed.is_main_process()
+        self.show_progress = settings["progress_bar"] and distributed.is_main_process()
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp)
@@ -71,15 +71,17 @@ class Trainer(BaseTrainer):
         iters = start_iter + len(loader)
         loss_sum = self.partial.get("loss_sum", 0.0)
         count = int(self.partial.get("count", 0))
+        lr = self.partial.get("lr")
         self.iteration = start_iter
         bar = tqdm(total=iters, initial=start_iter, desc=f"train {epoch}/{self.epochs}",
                    disable=None if self.show_progress else True, dynamic_ncols=True, leave=False)
-        tick, rate = time.perf_counter(), None
+        rate = ImageRate()
         for images, targets in loader:
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
+            lr = self.optimizer.param_groups[0]["lr"]
             with self._autocast():
-                loss = self.compute_loss(self.model(images), targets)
+                loss = self.compute_loss(self._forward(images), targets)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -87,22 +89,21 @@ class Trainer(BaseTrainer):
             self.lr_scheduler.step()
 
             value = loss.item()  # a CPU-GPU sync point; needed for the NaN check and the bar
-            if not math.isfinite(value):
-                raise TrainingError(f"loss is {value} at epoch {epoch}, iteration {self.iteration + 1}; "
+            diverged, self._stop_requested = distributed.any_process(
+                [not math.isfinite(value), self._stop_requested], self.device)
+            if diverged:
+                where = value if not math.isfinite(value) else "not finite on another process"
+                raise TrainingError(f"loss is {where} at epoch {epoch}, iteration {self.iteration + 1}; "
                                     f"stopped. The last good checkpoint in {self.run_dir} is untouched "
                                     "(try a lower learning rate, or amp off)")
             self.iteration += 1
             loss_sum += value
             count += 1
-            self.partial = {"loss_sum": loss_sum, "count": count}
+            self.partial = {"loss_sum": loss_sum, "count": count, "lr": lr}
 
-            now = time.perf_counter()
-            speed = images.shape[0] / max(now - tick, 1e-9)
-            rate = speed if rate is None else 0.9 * rate + 0.1 * speed
-            tick = now
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / count:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                            img_s=f"{rate:.1f}", refresh=False)
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}", lr=f"{lr:.2e}",
+                            img_s=f"{rate.update(images.shape[0]):.1f}", refresh=False)
             step = (epoch - 1) * iters + self.iteration
             if self.iteration % self.settings["log_per_iter"] == 0:
                 self.tb.scalar("train/loss", value, step)
@@ -113,21 +114,40 @@ class Trainer(BaseTrainer):
         bar.close()
         train_loss = _reduced_mean(loss_sum, count, self.device)
         self.tb.scalar("train/epoch_loss", train_loss, epoch)
-        return {"train_loss": train_loss}
+        logs = {"train_loss": train_loss}
+        if lr is not None:
+            logs["lr"] = lr  # the rate of the epoch's last iteration
+        return logs
+
+    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        try:
+            return self.model(images)
+        except ValueError as exc:
+            # Batch norm on a 1x1 map (e.g. ASPP's image pooling) with a single image.
+            if "Expected more than 1 value per channel" in str(exc):
+                raise TrainingError(f"a training batch has a single image, which batch norm cannot "
+                                    f"normalise in this model ({exc}); use batch_size >= 2 and "
+                                    "drop_last true, or freeze_bn") from exc
+            raise
 
     @torch.no_grad()
     def _valid_epoch(self, epoch: int) -> dict[str, Any]:
-        self.model.eval()
+        # Under torchrun each process validates its own unpadded shard with the bare model:
+        # shards may differ in length, and DDP's forward would wait for the other processes.
+        model = self.unwrapped_model
+        distributed.broadcast_buffers(model)  # every process evaluates rank 0's weights
+        model.eval()
         self.confusion.reset()
         self.val_loader.set_epoch(epoch)
         loss_sum, count, sample = 0.0, 0, None
         bar = tqdm(self.val_loader, desc=f"val {epoch}/{self.epochs}", dynamic_ncols=True, leave=False,
                    disable=None if self.show_progress else True)
+        rate = ImageRate()
         for images, targets in bar:
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with self._autocast():
-                logits = self.model(images)["out"]
+                logits = model(images)["out"]
                 loss = self.loss(logits, targets)
             preds = logits.argmax(dim=1)
             self.confusion.update(preds, targets)
@@ -135,6 +155,8 @@ class Trainer(BaseTrainer):
             count += images.shape[0]
             if sample is None:
                 sample = (images[:4].float().cpu(), targets[:4].cpu(), preds[:4].cpu())
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}", img_s=f"{rate.update(images.shape[0]):.1f}",
+                            refresh=False)
             if self._stop_requested:
                 break
         bar.close()
@@ -159,6 +181,21 @@ class Trainer(BaseTrainer):
 
     def close(self) -> None:
         self.tb.close()
+
+
+class ImageRate:
+    """Images per second over recent iterations (data loading included), for the progress bars."""
+
+    def __init__(self) -> None:
+        self.tick = time.perf_counter()
+        self.value: float | None = None
+
+    def update(self, images: int) -> float:
+        now = time.perf_counter()
+        speed = images / max(now - self.tick, 1e-9)
+        self.tick = now
+        self.value = speed if self.value is None else 0.9 * self.value + 0.1 * speed
+        return self.value
 
 
 def _reduced_mean(total: float, count: int, device: torch.device) -> float:

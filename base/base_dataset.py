@@ -42,7 +42,7 @@ class BaseDataSet(Dataset):
         mean, std: RGB normalisation in the 0-1 range.
         label_map: raw label value -> class index, or ``None`` for void
             (mapped to ``ignore_index``). Values not in the map are an error.
-            Default: identity on ``0 .. num_classes-1``.
+            Default: identity on ``0 .. num_classes-1``, and ``ignore_index`` is void.
 
     Each item is ``(image, label)``: a float tensor ``(3, H, W)`` normalised
     with ``mean``/``std`` and an int64 tensor ``(H, W)`` of class indices with
@@ -76,7 +76,10 @@ class BaseDataSet(Dataset):
     def label_lut(cls, ignore_index: int) -> np.ndarray:
         """A 256-entry lookup table from raw label values to class indices."""
         lut = np.full(256, _INVALID, dtype=np.int64)
+        # Default: labels hold class indices, and the ignore value itself is void.
         mapping = cls.label_map if cls.label_map is not None else {i: i for i in range(cls.num_classes())}
+        if cls.label_map is None and 0 <= ignore_index < 256:
+            mapping = {**mapping, ignore_index: None}
         for raw, cls_index in mapping.items():
             lut[raw] = ignore_index if cls_index is None else cls_index
         return lut
@@ -133,10 +136,7 @@ class BaseDataSet(Dataset):
     @classmethod
     def to_tensor(cls, image: np.ndarray) -> torch.Tensor:
         """Normalise an RGB ``uint8`` image to a float tensor ``(3, H, W)``."""
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-        mean = torch.tensor(cls.mean).view(3, 1, 1)
-        std = torch.tensor(cls.std).view(3, 1, 1)
-        return tensor.sub_(mean).div_(std)
+        return normalize(image, cls.mean, cls.std)
 
     @classmethod
     def denormalize(cls, tensor: torch.Tensor) -> torch.Tensor:
@@ -144,6 +144,12 @@ class BaseDataSet(Dataset):
         mean = torch.tensor(cls.mean, device=tensor.device).view(1, 3, 1, 1)
         std = torch.tensor(cls.std, device=tensor.device).view(1, 3, 1, 1)
         return (tensor * std + mean).clamp_(0, 1)
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """RGB ``uint8`` ``(H, W, 3)`` -> float tensor ``(3, H, W)``: ``(x / 255 - mean) / std``."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    return tensor.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
 
 
 def apply_label_lut(raw: np.ndarray, lut: np.ndarray, source: str, num_classes: int) -> np.ndarray:

@@ -6,13 +6,17 @@ A concrete trainer implements :meth:`BaseTrainer._train_epoch` and
 Resume is exact: a checkpoint records the epoch, how many of its iterations are
 done and whether its validation ran, plus the model, optimizer, scheduler,
 scaler and RNG states. Data order and augmentation are pure functions of
-``(seed, epoch)``, so a run interrupted anywhere and resumed produces the same
-weights, bit for bit on the CPU, as an uninterrupted one.
+``(seed, epoch)``, so a run stopped anywhere (Ctrl-C, SIGTERM, a crash after a
+checkpoint) and resumed with the same config gives the same weights, bit for
+bit on the CPU, as the uninterrupted run. (A schedule's shape depends on
+``trainer.epochs``: resuming with another number of epochs follows the new
+schedule from the current iteration.)
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -22,9 +26,17 @@ import torch
 from torch import nn
 
 from utils import distributed
-from utils.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
-from utils.errors import CheckpointError, TrainingError
-from utils.logger import MetricsCSV, plot_learning_curves, run_logger, write_json
+from utils.checkpoint import load_checkpoint, load_model_weights, rng_state, save_atomic, set_rng_state
+from utils.errors import CheckpointError, ConfigError, TrainingError
+from utils.files import write_json
+from utils.logger import MetricsCSV, plot_learning_curves, run_logger
+
+# Signals that ask training to stop after the current iteration and save: Ctrl-C and
+# the polite kill of cluster schedulers.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# torchrun forwards the terminal's Ctrl-C to its workers, which then see it twice in
+# quick succession; only a press after this many seconds means "quit without saving".
+FORCE_QUIT_AFTER = 2.0
 
 
 class TrainingInterrupted(Exception):
@@ -83,6 +95,7 @@ class BaseTrainer:
         self.partial: dict[str, float] = {}  # running sums of an unfinished epoch
         self.iteration = 0  # iterations done in the current epoch
         self._stop_requested = False
+        self._stop_time = 0.0
 
     @property
     def unwrapped_model(self) -> nn.Module:
@@ -93,7 +106,7 @@ class BaseTrainer:
         """Train one epoch from iteration ``start_iter``; return logs such as ``train_loss``.
 
         Must keep ``self.iteration`` and ``self.partial`` current and return early
-        (with whatever it has) when ``self._stop_requested`` becomes true.
+        (with whatever it has) once :meth:`_stop_agreed` is true.
         """
         raise NotImplementedError
 
@@ -101,21 +114,21 @@ class BaseTrainer:
         """Validate; return ``val_loss`` and the metrics (``mIoU``...)."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release logging resources (called when training ends, however it ends)."""
+
     # --- the loop ----------------------------------------------------------------
     def train(self) -> dict:
         """Train to the last epoch (or early stop); returns the summary."""
         self.logger.info(f"Run folder: {self.run_dir}")
         try:
-            with self._catch_sigint():
+            with self._catch_stop_signals():
                 for epoch in range(self.start_epoch, self.epochs + 1):
                     if self._run_epoch(epoch):
                         break
             return self._finish()
         finally:
             self.close()
-
-    def close(self) -> None:
-        """Release logging resources (called when training ends, however it ends)."""
 
     def _run_epoch(self, epoch: int) -> bool:
         """One epoch; returns True when early stopping ends training."""
@@ -125,19 +138,20 @@ class BaseTrainer:
         started = time.perf_counter()
         logs = self._train_epoch(epoch, self.start_iter)
         self.start_iter = 0
-        if self._stop_requested:
+        if self._stop_agreed():
             self._interrupt(epoch)
-        row: dict[str, Any] = {"epoch": epoch, **logs, "lr": self.optimizer.param_groups[0]["lr"]}
+        row: dict[str, Any] = {"epoch": epoch, **logs}
         improved = False
         if self.val_loader is not None and (epoch % self.settings["val_per_epochs"] == 0 or epoch == self.epochs):
             metrics = self._valid_epoch(epoch)
-            if self._stop_requested:
+            if self._stop_agreed():
                 self._interrupt(epoch)
             row.update(metrics)
             improved = self._update_monitor(row)
         row["time"] = round(time.perf_counter() - started, 2)
         self.history.append(row)
-        self.csv.write_all(self.history)
+        # One row per validation (per epoch when the run does not validate).
+        self.csv.write_all([r for r in self.history if "mIoU" in r] if self.val_loader else self.history)
         self.logger.info(self._format_row(row))
 
         stop = self.settings["early_stop"] > 0 and self.not_improved >= self.settings["early_stop"]
@@ -172,8 +186,9 @@ class BaseTrainer:
             summary.update(best_epoch=self.best_epoch, best_metrics=best_row)
         if self.history:
             summary["last_metrics"] = self.history[-1]
-        write_json(summary, self.run_dir / "summary.json")
-        plot_learning_curves(self.history, self.run_dir / "learning_curves.png")
+        if distributed.is_main_process():
+            write_json(summary, self.run_dir / "summary.json")
+            plot_learning_curves(self.history, self.run_dir / "learning_curves.png")
         return summary
 
     @staticmethod
@@ -184,25 +199,51 @@ class BaseTrainer:
                 parts.append(f"{key} {row[key]:.4g}")
         return " | ".join(parts)
 
-    # --- Ctrl-C --------------------------------------------------------------------
+    # --- stopping ------------------------------------------------------------------
     @contextlib.contextmanager
-    def _catch_sigint(self):
-        """First Ctrl-C asks the loop to stop after the current iteration; a second one kills."""
+    def _catch_stop_signals(self):
+        """Ctrl-C or SIGTERM ask the loop to stop after the current iteration and save.
+
+        A second Ctrl-C (more than ``FORCE_QUIT_AFTER`` seconds later) quits at
+        once. DataLoader workers forked meanwhile inherit the handler and ignore
+        the signal: the main process shuts them down.
+        """
+        main_pid = os.getpid()
+
         def handler(signum, frame):
+            if os.getpid() != main_pid:
+                return
             if self._stop_requested:
-                raise KeyboardInterrupt
-            self._stop_requested = True
-            self.logger.warning("\nCtrl-C: finishing this iteration and saving a checkpoint "
-                                "(press again to quit without saving)")
+                if signum == signal.SIGINT and time.monotonic() - self._stop_time > FORCE_QUIT_AFTER:
+                    raise KeyboardInterrupt
+                return
+            self._stop_requested, self._stop_time = True, time.monotonic()
+            self.logger.warning(f"\n{signal.Signals(signum).name}: finishing this iteration and saving a "
+                                "checkpoint (Ctrl-C again to quit without saving)")
+
+        previous = {}
         try:
-            previous = signal.signal(signal.SIGINT, handler)
+            for sig in STOP_SIGNALS:
+                previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not in the main thread: keep the default behaviour
-            previous = None
+            pass
         try:
             yield
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _stop_agreed(self) -> bool:
+        """Whether any process was asked to stop; all processes then stop together.
+
+        Under torchrun every rank must leave the loop at the same iteration or
+        the next collective operation would hang.
+        """
+        self._stop_requested = distributed.any_process([self._stop_requested], self._device())[0]
+        return self._stop_requested
+
+    def _device(self) -> torch.device:
+        return next(self.unwrapped_model.parameters()).device
 
     def _interrupt(self, epoch: int) -> None:
         path = self._save("checkpoint.pth", epoch, self.iteration, epoch_done=False)
@@ -220,7 +261,7 @@ class BaseTrainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": epoch, "iteration": iteration, "epoch_done": epoch_done,
-            "partial": dict(self.partial),
+            "batch_size": self.train_loader.batch_size, "partial": dict(self.partial),
             "monitor": self.settings["monitor"], "best": self.best, "best_epoch": self.best_epoch,
             "not_improved": self.not_improved, "history": self.history,
             "rng": rng_state(), "config": self.config,
@@ -230,16 +271,18 @@ class BaseTrainer:
 
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint written by :meth:`_save`."""
-        from utils.checkpoint import load_model_weights
-
         state = load_checkpoint(path)
         load_model_weights(self.unwrapped_model, state, path, self.meta["arch"], self.meta["num_classes"])
         try:
+            epoch, iteration, done = state["epoch"], state["iteration"], state["epoch_done"]
+            if not done and iteration and state["batch_size"] != self.train_loader.batch_size:
+                raise ConfigError(f"{path}: the run stopped in the middle of epoch {epoch} with batch_size "
+                                  f"{state['batch_size']}; resume it with the same batch size")
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
+            if self.scaler.is_enabled() and state["scaler"]:  # empty when saved without float16 AMP
+                self.scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
-            epoch, iteration, done = state["epoch"], state["iteration"], state["epoch_done"]
             self.best, self.best_epoch = state["best"], state["best_epoch"]
             self.not_improved, self.history = state["not_improved"], list(state["history"])
             self.partial = dict(state["partial"])

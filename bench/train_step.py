@@ -10,7 +10,8 @@ loading is not measured. The trainer is built by ``train.build_trainer`` as a
 user's run would be (TensorBoard and progress-bar settings as in the config);
 only its ``train_loader`` is swapped for an in-memory one. The loops alternate
 ``repeats`` times (bare, trainer, bare, ...) and the medians are compared.
-``--check`` exits with 1 when trainer / bare < 0.95.
+``--check`` exits with 1 when trainer / bare < 0.95 or when the two models
+end with different weights.
 """
 from __future__ import annotations
 
@@ -235,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'ratio':8}{ratio:16.3f}   (trainer / bare, required >= {MIN_RATIO})")
     if args.check and ratio < MIN_RATIO:
         print(f"FAIL: ratio {ratio:.3f} < {MIN_RATIO}", file=sys.stderr)
+        return 1
+    if args.check and drift > 0:
+        print(f"FAIL: the two loops ended with different weights ({drift:.2e}): they did not do the same work",
+              file=sys.stderr)
         return 1
     return 0
 

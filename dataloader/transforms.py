@@ -6,7 +6,8 @@ Every transform is called as ``transform(image, label, rng)`` with an RGB
 with nearest neighbour, and any area a transform invents (crop padding, rotation
 corners) is filled with ``ignore_index`` in the label, never with a real class.
 Config: ``"transforms": [{"type": "RandomScale", "args": {"min_scale": 0.5}}, ...]``
-in a loader's ``args``; ``ignore_index`` is injected.
+in a loader's ``args``; transforms that fill the label declare ``ignore_index``,
+which the framework injects.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class Resize:
         size: ``[height, width]``, or one int for the shorter side (aspect ratio kept).
     """
 
-    def __init__(self, size: int | list[int], ignore_index: int = 255) -> None:
+    def __init__(self, size: int | list[int]) -> None:
         self.size = size if isinstance(size, int) else _pair(size, "size")
         if isinstance(size, int) and size <= 0:
             raise ValueError(f"size must be positive, got {size}")
@@ -60,7 +61,7 @@ class RandomScale:
         max_scale: largest scale factor.
     """
 
-    def __init__(self, min_scale: float = 0.5, max_scale: float = 2.0, ignore_index: int = 255) -> None:
+    def __init__(self, min_scale: float = 0.5, max_scale: float = 2.0) -> None:
         if not 0 < min_scale <= max_scale:
             raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale} and {max_scale}")
         self.min_scale, self.max_scale = min_scale, max_scale
@@ -110,7 +111,7 @@ class RandomHorizontalFlip:
         p: probability of flipping.
     """
 
-    def __init__(self, p: float = 0.5, ignore_index: int = 255) -> None:
+    def __init__(self, p: float = 0.5) -> None:
         if not 0 <= p <= 1:
             raise ValueError(f"p must be in [0, 1], got {p}")
         self.p = p
@@ -158,7 +159,7 @@ class GaussianBlur:
         max_sigma: largest Gaussian sigma in pixels.
     """
 
-    def __init__(self, p: float = 0.5, max_sigma: float = 1.5, ignore_index: int = 255) -> None:
+    def __init__(self, p: float = 0.5, max_sigma: float = 1.5) -> None:
         if not 0 <= p <= 1 or max_sigma <= 0:
             raise ValueError("need 0 <= p <= 1 and max_sigma > 0")
         self.p, self.max_sigma = p, max_sigma
@@ -178,7 +179,7 @@ class ColorJitter:
         contrast: largest relative contrast change (about the image mean).
     """
 
-    def __init__(self, brightness: float = 0.2, contrast: float = 0.2, ignore_index: int = 255) -> None:
+    def __init__(self, brightness: float = 0.2, contrast: float = 0.2) -> None:
         if brightness < 0 or contrast < 0:
             raise ValueError("brightness and contrast must be >= 0")
         self.brightness, self.contrast = brightness, contrast

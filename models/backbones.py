@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -144,15 +145,13 @@ for _depth in _RESNETS:
     _register(_depth)
 
 
-def build_backbone(name: str, output_stride: int = 32, pretrained: bool = False,
-                   weights_path: str | None = None) -> ResNetBackbone:
-    """Build the backbone registered as ``name``.
+#: The registered backbone names, as a type: a model's ``backbone`` argument is checked
+#: against it when the config is validated, before anything is built.
+BackboneName = Literal[tuple(BACKBONES.names())]
 
-    An unknown name raises ValueError listing the registered backbones with a
-    did-you-mean; ``MODELS.build`` re-raises it with the model's config path.
-    """
-    try:
-        make = BACKBONES.get(name, "backbone")
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from None
+
+def build_backbone(name: BackboneName, output_stride: int = 32, pretrained: bool = False,
+                   weights_path: str | None = None) -> ResNetBackbone:
+    """Build the backbone registered as ``name`` (a ConfigError listing them if unknown)."""
+    make = BACKBONES.get(name, "backbone")
     return make(output_stride=output_stride, pretrained=pretrained, weights_path=weights_path)

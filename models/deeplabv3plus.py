@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from base.base_model import BaseModel
-from models.backbones import build_backbone
+from models.backbones import BackboneName, build_backbone
 from models.blocks import ASPP, ConvBNReLU, aspp_rates
 from utils.registry import MODELS
 
@@ -31,7 +31,7 @@ class DeepLabV3Plus(BaseModel):
         ``(N, 3, H, W)`` -> ``{"out": (N, num_classes, H, W)}``.
     """
 
-    def __init__(self, num_classes: int, backbone: str = "resnet50", output_stride: int = 16,
+    def __init__(self, num_classes: int, backbone: BackboneName = "resnet50", output_stride: int = 16,
                  pretrained: bool = False, weights_path: str | None = None, freeze_bn: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes

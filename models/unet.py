@@ -78,13 +78,15 @@ class UNet(BaseModel):
         self.head = nn.Conv2d(widths[0], num_classes, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if min(x.shape[-2:]) < 2 ** self.depth:
-            raise ValueError(f"UNet with depth {self.depth} needs inputs of at least "
-                             f"{2 ** self.depth}x{2 ** self.depth}, got {tuple(x.shape[-2:])}")
+        height, width = x.shape[-2:]
+        smallest = 2 ** self.depth  # every pooling level needs at least one pixel
+        if height < smallest or width < smallest:
+            x = nn.functional.pad(x, (0, max(smallest - width, 0), 0, max(smallest - height, 0)),
+                                  mode="replicate")
         skips = [self.inc(x)]
         for down in self.down:
             skips.append(down(skips[-1]))
         y = skips.pop()
         for up in self.up:
             y = up(y, skips.pop())
-        return {"out": self.head(y)}
+        return {"out": self.head(y)[..., :height, :width]}

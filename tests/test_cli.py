@@ -135,7 +135,8 @@ def test_train_bad_override_and_device(tmp_path, tiny_config, capsys):
 def test_train_resume_with_wrong_number_of_classes(trained, tmp_path, capsys):
     _, run_dir = trained
     config = {"name": "cv", "arch": {"type": "UNet", "args": {"base_channels": 4, "depth": 2}},
-              "train_loader": {"type": "CamVid", "args": {"data_dir": str(CAMVID_DIR), "subset": 2}},
+              "train_loader": {"type": "CamVid", "args": {"data_dir": str(CAMVID_DIR), "subset": 2,
+                                                                       "batch_size": 2}},
               "optimizer": {"type": "SGD", "args": {"lr": 0.01}}, "trainer": {"epochs": 1}}
     if not CAMVID_DIR.is_dir():
         pytest.skip("CamVid not available")

@@ -626,11 +626,11 @@ def test_sampler_skip_yields_the_tail():
     assert len(sampler) == 0
 
 
-def shards(monkeypatch, n: int, world_size: int, drop_last: bool = False, skip: int = 0):
+def shards(monkeypatch, n: int, world_size: int, even_shards: bool = True, skip: int = 0):
     result = []
     for rank in range(world_size):
         fake_ranks(monkeypatch, rank, world_size)
-        sampler = EpochSampler(n, shuffle=True, seed=0, drop_last=drop_last)
+        sampler = EpochSampler(n, shuffle=True, seed=0, even_shards=even_shards)
         result.append((order(sampler, 1, skip=skip), len(sampler)))
     return result
 
@@ -651,11 +651,12 @@ def test_two_ranks_pad_an_odd_dataset(monkeypatch):
     assert one[-1] == zero[0]
 
 
-def test_two_ranks_drop_the_tail_with_drop_last(monkeypatch):
-    (zero, len_zero), (one, len_one) = shards(monkeypatch, 7, 2, drop_last=True)
-    assert len(zero) == len(one) == len_zero == len_one == 3
+def test_uneven_shards_give_every_index_to_exactly_one_rank(monkeypatch):
+    """Validation shards: no padding, so no image is counted twice."""
+    (zero, len_zero), (one, len_one) = shards(monkeypatch, 7, 2, even_shards=False)
+    assert (len(zero), len_zero, len(one), len_one) == (4, 4, 3, 3)
     assert not set(zero) & set(one)
-    assert len(set(zero) | set(one)) == 6
+    assert sorted(zero + one) == list(range(7))
 
 
 def test_rank_skip_drops_that_ranks_first_indices(monkeypatch):
@@ -740,8 +741,10 @@ def test_validate_loader_fills_defaults():
         "num_samples": 8, "batch_size": 4, "transforms": [{"type": "RandomHorizontalFlip"}]}}, "train_loader")
     assert resolved == {"type": "SyntheticShapes", "args": {
         "split": "train", "num_samples": 8, "image_size": 64, "data_seed": 0,
-        "batch_size": 4, "shuffle": False, "num_workers": 0, "drop_last": False, "pin_memory": False,
+        "batch_size": 4, "shuffle": False, "num_workers": 0, "drop_last": True, "pin_memory": False,
         "subset": None, "transforms": [{"type": "RandomHorizontalFlip", "args": {"p": 0.5}}]}}
+    # drop_last defaults to true for training (a one-image batch breaks batch norm), false for validation.
+    assert validate_loader({"type": "SyntheticShapes"}, "val_loader")["args"]["drop_last"] is False
 
 
 def test_validate_loader_misspelled_arg_suggests_the_key():
@@ -798,7 +801,7 @@ def test_build_loader_end_to_end():
     loader = build_loader(resolved_config(spec, ignore_index=250, seed=4), "train_loader")
 
     assert isinstance(loader, BaseDataLoader)
-    assert loader.batch_size == 4 and loader.shuffle is True
+    assert loader.batch_size == 4 and loader.sampler.shuffle is True
     dataset = loader.dataset
     assert isinstance(dataset, SyntheticShapes)
     assert len(dataset) == 8 and dataset.image_size == 32
@@ -817,4 +820,13 @@ def test_build_loader_subset_restricts_the_dataset():
     loader = build_loader(resolved_config(shapes_spec(subset=3)), "train_loader")
     assert len(loader.dataset) == 3
     assert loader.dataset.samples == ["synthetic:train:0", "synthetic:train:1", "synthetic:train:2"]
-    assert len(loader) == 1
+    assert len(loader) == 0  # 3 samples, batch_size 4, drop_last true for training
+
+
+def test_batch_of_mixed_sizes_says_what_to_change():
+    dataset = SyntheticShapes("train", num_samples=4, image_size=32, transforms=[RandomScale(0.5, 2.0)], seed=1)
+    loader = BaseDataLoader(dataset, batch_size=4, seed=1)
+    loader.set_epoch(1)
+    with pytest.raises(DataError, match=r"a batch mixes image sizes \(height x width\) \d+x\d+, .*; add a "
+                                        r"RandomCrop or Resize to the loader's transforms, or use batch_size 1"):
+        list(loader)

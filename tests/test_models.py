@@ -99,7 +99,9 @@ def test_bad_output_stride_is_rejected():
 
 
 def test_unknown_backbone_lists_choices():
-    with pytest.raises(ConfigError, match="unknown backbone 'resnet05'. Did you mean 'resnet50'.*resnet101"):
+    with pytest.raises(ConfigError, match=r"^arch.args.backbone: expected one of 'resnet101', 'resnet152', "
+                                          r"'resnet18', 'resnet34', 'resnet50', got 'resnet05'. "
+                                          r"Did you mean 'resnet50'\?$"):
         build("DeepLabV3Plus", backbone="resnet05")
 
 

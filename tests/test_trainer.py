@@ -15,7 +15,7 @@ import train
 from base.base_trainer import TrainingInterrupted
 from utils.checkpoint import load_checkpoint, save_atomic
 from utils.config import validate_config
-from utils.errors import CheckpointError, TrainingError
+from utils.errors import CheckpointError, ConfigError, TrainingError
 
 
 def make_trainer(config: dict, run_dir: Path):
@@ -36,8 +36,8 @@ class LossHook(nn.Module):
         if torch.is_grad_enabled():  # training, not validation
             self.calls += 1
             if self.calls == self.at_call:
-                if self.action == "sigint":
-                    signal.raise_signal(signal.SIGINT)
+                if self.action in ("sigint", "sigterm"):
+                    signal.raise_signal(signal.SIGINT if self.action == "sigint" else signal.SIGTERM)
                 elif self.action == "nan":
                     value = value * float("nan")
         return value
@@ -47,10 +47,10 @@ def weights(trainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainer.unwrapped_model.state_dict().items()}
 
 
-def interrupt_then_resume(config: dict, tmp_path: Path, at_call: int):
-    """Run with a Ctrl-C on training call ``at_call``; resume in a fresh trainer."""
+def interrupt_then_resume(config: dict, tmp_path: Path, at_call: int, action: str = "sigint"):
+    """Run with a Ctrl-C (or SIGTERM) on training call ``at_call``; resume in a fresh trainer."""
     first = make_trainer(config, tmp_path / "interrupted")
-    first.loss = LossHook(first.loss, at_call, "sigint")
+    first.loss = LossHook(first.loss, at_call, action)
     with pytest.raises(TrainingInterrupted) as info:
         first.train()
     second = make_trainer(config, tmp_path / "interrupted")
@@ -59,10 +59,15 @@ def interrupt_then_resume(config: dict, tmp_path: Path, at_call: int):
     return second, summary, info.value.checkpoint
 
 
-@pytest.mark.parametrize("at_call", [8, 9], ids=["end_of_epoch_2", "mid_epoch_3"])
-def test_resume_is_bit_exact(tiny_config, tmp_path, at_call):
+DEEPLAB = {"type": "DeepLabV3Plus", "args": {"backbone": "resnet18"}}  # has dropout (in ASPP)
+
+
+@pytest.mark.parametrize("at_call, arch", [(8, None), (9, DEEPLAB)], ids=["end_of_epoch_2", "mid_epoch_3"])
+def test_resume_is_bit_exact(tiny_config, tmp_path, at_call, arch):
     """4 epochs straight == interrupted (at an epoch end, or mid-epoch) and resumed."""
     tiny_config["trainer"]["epochs"] = 4  # 24 images / batch 6 = 4 iterations per epoch
+    if arch is not None:
+        tiny_config["arch"] = arch
     straight = make_trainer(tiny_config, tmp_path / "straight")
     straight_summary = straight.train()
 
@@ -82,16 +87,18 @@ def test_resume_is_bit_exact(tiny_config, tmp_path, at_call):
     assert straight_summary["best_epoch"] == resumed_summary["best_epoch"]
 
 
-def test_interrupt_records_where_it_stopped(tiny_config, tmp_path):
+@pytest.mark.parametrize("action", ["sigint", "sigterm"])
+def test_interrupt_records_where_it_stopped(tiny_config, tmp_path, action):
     tiny_config["trainer"]["epochs"] = 3
     trainer = make_trainer(tiny_config, tmp_path / "run")
-    trainer.loss = LossHook(trainer.loss, 6, "sigint")  # epoch 2, iteration 2
+    trainer.loss = LossHook(trainer.loss, 6, action)  # epoch 2, iteration 2
     with pytest.raises(TrainingInterrupted, match="interrupted at epoch 2, iteration 2"):
         trainer.train()
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
     assert (state["epoch"], state["iteration"], state["epoch_done"]) == (2, 2, False)
     assert len(state["history"]) == 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_checkpoint_contents(tiny_config, tmp_path):
@@ -182,12 +189,12 @@ def test_validation_schedule_and_run_outputs(tiny_config, tmp_path):
     summary = trainer.train()
     with open(run_dir / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
-    assert [bool(row["mIoU"]) for row in rows] == [False, True, True]  # epoch 2 and the last
-    assert "iou/disk" in rows[1]
+    assert [row["epoch"] for row in rows] == ["2", "3"]  # one row per validation: epoch 2 and the last
+    assert all(row["mIoU"] and row["train_loss"] and row["iou/disk"] for row in rows)
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["best_epoch"] == summary["best_epoch"] in (2, 3)
-    assert math.isclose(saved["best_metrics"]["mIoU"], max(float(r["mIoU"]) for r in rows[1:]), rel_tol=1e-5)
+    assert math.isclose(saved["best_metrics"]["mIoU"], max(float(r["mIoU"]) for r in rows), rel_tol=1e-5)
+    assert saved["epochs_trained"] == 3
     assert (run_dir / "learning_curves.png").stat().st_size > 1000
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -215,3 +222,32 @@ def test_mixed_precision_on_the_cpu(tiny_config, tmp_path):
     assert math.isfinite(summary["last_metrics"]["train_loss"])
     assert all(v.dtype == torch.float32 for v in trainer.unwrapped_model.state_dict().values()
                if v.is_floating_point())  # autocast keeps float32 master weights
+
+
+def test_resume_with_float16_scaler_from_a_run_without_it(tiny_config, tmp_path):
+    """A checkpoint saved without loss scaling (CPU, or amp off) resumes with scaling on."""
+    make_trainer(tiny_config, tmp_path / "run").train()
+    tiny_config["trainer"]["epochs"] = 3
+    trainer = make_trainer(tiny_config, tmp_path / "run")
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)  # what CUDA with amp true builds
+    trainer.resume(tmp_path / "run" / "checkpoint.pth")
+    assert trainer.start_epoch == 3 and trainer.scaler.get_scale() == 65536.0  # fresh scaler state
+
+
+def test_mid_epoch_resume_needs_the_same_batch_size(tiny_config, tmp_path):
+    trainer = make_trainer(tiny_config, tmp_path / "run")
+    trainer.loss = LossHook(trainer.loss, 2, "sigint")
+    with pytest.raises(TrainingInterrupted):
+        trainer.train()
+    tiny_config["train_loader"]["args"]["batch_size"] = 4
+    other = make_trainer(tiny_config, tmp_path / "run")
+    with pytest.raises(ConfigError, match="stopped in the middle of epoch 1 with batch_size 6; resume it with "
+                                          "the same batch size"):
+        other.resume(tmp_path / "run" / "checkpoint.pth")
+
+
+def test_single_image_batch_in_a_batch_norm_pooling_model_is_explained(tiny_config, tmp_path):
+    tiny_config["arch"] = DEEPLAB
+    tiny_config["train_loader"]["args"]["batch_size"] = 1
+    with pytest.raises(TrainingError, match="a training batch has a single image"):
+        make_trainer(tiny_config, tmp_path / "run").train()

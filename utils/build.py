@@ -6,6 +6,8 @@ the model's parameters...), so nothing is repeated in the config.
 """
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -13,7 +15,9 @@ from torch import nn
 
 from base.base_dataloader import BaseDataLoader
 from base.base_dataset import BaseDataSet
+from utils import distributed
 from utils.config import LOADER_KEYS
+from utils.errors import ConfigError
 from utils.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, TRANSFORMS
 
 
@@ -44,20 +48,27 @@ def build_loader(config: dict, key: str) -> BaseDataLoader:
     subset = loader_args.pop("subset")
     if subset is not None:
         dataset.restrict(subset)
-    return BaseDataLoader(dataset, seed=config["seed"], **loader_args)
+    # Training shards must be even under torchrun; validation shards must not repeat images.
+    return BaseDataLoader(dataset, seed=config["seed"], even_shards=key == "train_loader", **loader_args)
 
 
-def build_model(config: dict) -> nn.Module:
-    return MODELS.build(config["arch"], "arch", num_classes=dataset_class(config).num_classes())
+def build_model(config: dict, pretrained: bool = True) -> nn.Module:
+    """The configured model; ``pretrained=False`` skips loading ImageNet weights.
+
+    Loading a checkpoint (inference, resume) overwrites every weight, so it
+    should not need the ImageNet file on the machine.
+    """
+    spec = config["arch"]
+    if not pretrained and spec["args"].get("pretrained"):
+        spec = {**spec, "args": {**spec["args"], "pretrained": False, "weights_path": None}}
+    return MODELS.build(spec, "arch", num_classes=dataset_class(config).num_classes())
 
 
 def build_loss(config: dict, train_dataset: BaseDataSet) -> nn.Module:
     """The loss; it receives whichever of the framework's facts its constructor declares."""
-    spec = config["loss"]
-    available = {"ignore_index": config["ignore_index"], "num_classes": train_dataset.num_classes(),
-                 "train_dataset": train_dataset, "cache_dir": str(Path(config["cache_dir"]))}
-    wanted = LOSSES.parameters(spec["type"])
-    return LOSSES.build(spec, "loss", **{k: v for k, v in available.items() if k in wanted})
+    return LOSSES.build(config["loss"], "loss", ignore_index=config["ignore_index"],
+                        num_classes=train_dataset.num_classes(), train_dataset=train_dataset,
+                        cache_dir=str(Path(config["cache_dir"])))
 
 
 def build_optimizer(config: dict, model: nn.Module) -> torch.optim.Optimizer:
@@ -74,17 +85,24 @@ def build_scheduler(config: dict, optimizer: torch.optim.Optimizer, iters_per_ep
 
 def select_device(name: str | None) -> torch.device:
     """``cuda`` when available unless ``name`` says otherwise; under torchrun, the local GPU."""
-    import os
-
-    from utils.errors import ConfigError
-
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise ConfigError(f"--device {name}: expected cpu, cuda or cuda:N")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if name == "cuda" and "LOCAL_RANK" in os.environ:
-            name = f"cuda:{os.environ['LOCAL_RANK']}"
-    elif name != "cpu":
-        raise ConfigError(f"--device {name}: expected cpu, cuda or cuda:N")
+        if distributed.launched_by_torchrun():
+            if name != "cuda":
+                raise ConfigError(f"--device {name}: under torchrun each process takes the GPU of its "
+                                  "LOCAL_RANK; use --device cuda")
+            name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return torch.device(name)
+
+
+def make_dir(path: Path, option: str) -> None:
+    """Create a folder (and its parents); a path that cannot be one is a user error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot create the folder ({exc.strerror})") from exc

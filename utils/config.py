@@ -61,7 +61,8 @@ LOADER_KEYS = {
     "batch_size": Key(int, 8, "Images per batch (per process under torchrun)."),
     "shuffle": Key(bool, False, "Shuffle each epoch (seeded by seed and epoch)."),
     "num_workers": Key(int, 0, "Data loading worker processes."),
-    "drop_last": Key(bool, False, "Drop the last incomplete batch."),
+    "drop_last": Key(bool | None, None, "Drop the last incomplete batch; null means true for training "
+                                        "(a one-image batch breaks batch norm) and false for validation."),
     "pin_memory": Key(bool, False, "Pin host memory (faster copies to CUDA)."),
     "subset": Key(int | None, None, "Use only the first N samples (quick experiments)."),
     "transforms": Key(list, [], "Joint augmentations, a list of {type, args}; normalisation is always applied last."),
@@ -91,6 +92,8 @@ def read_json(path: str | Path) -> dict:
         raise ConfigError(f"{path}: config file not found") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}); a config is a JSON file") from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -124,7 +127,7 @@ def apply_override(config: dict, assignment: str) -> None:
             raise ConfigError(f"--set {dotted}: '{where}' is not an object in the config.{hint}")
         node = child
     last = keys[-1]
-    if last in node and node[last] is not None:
+    if last in node and node[last] is not None and value is not None:  # null is checked by validation
         old = node[last]
         same = (isinstance(old, bool) == isinstance(value, bool)
                 and (type(old) is type(value) or (isinstance(old, float) and isinstance(value, int))
@@ -172,6 +175,8 @@ def validate_loader(spec: Any, path: str) -> dict:
     loader_args = _check_keys(loader_args, LOADER_KEYS, f"{path}.args")
     if loader_args["batch_size"] < 1:
         raise ConfigError(f"{path}.args.batch_size: must be >= 1, got {loader_args['batch_size']}")
+    if loader_args["drop_last"] is None:
+        loader_args["drop_last"] = path == "train_loader"
     if loader_args["subset"] is not None and loader_args["subset"] < 1:
         raise ConfigError(f"{path}.args.subset: must be >= 1 (or null for all samples), "
                           f"got {loader_args['subset']}")
@@ -238,12 +243,27 @@ def validate_config(config: dict) -> dict:
     attempt("lr_scheduler", lambda: SCHEDULERS.validate(config.get("lr_scheduler", "Poly"), "lr_scheduler",
                                                                SCHEDULER_INJECTED))
     attempt("trainer", lambda: _validate_trainer(config.get("trainer", {})))
-    if not errors and resolved["train_loader"]["type"] != (resolved["val_loader"] or resolved["train_loader"])["type"]:
-        errors.append("val_loader.type: must be the same data set as train_loader.type "
-                      f"({resolved['train_loader']['type']}) so that the classes agree")
+    if not errors:
+        errors += _check_derived(resolved)
     if errors:
         raise ConfigError("\n".join(errors))
     return resolved
+
+
+def _check_derived(resolved: dict) -> list[str]:
+    """Checks that need several sections at once."""
+    errors = []
+    train_type = resolved["train_loader"]["type"]
+    if resolved["val_loader"] is not None and resolved["val_loader"]["type"] != train_type:
+        errors.append(f"val_loader.type: must be the same data set as train_loader.type ({train_type}) "
+                      "so that the classes agree")
+    if resolved["seed"] < 0:
+        errors.append(f"seed: must be >= 0, got {resolved['seed']}")
+    num_classes = DATASETS.get(train_type).num_classes()
+    if 0 <= resolved["ignore_index"] < num_classes:
+        errors.append(f"ignore_index: {resolved['ignore_index']} is a class of {train_type} "
+                      f"(0-{num_classes - 1}); use a value outside, e.g. 255")
+    return errors
 
 
 def _validate_optimizer(section: Any) -> dict:

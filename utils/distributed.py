@@ -47,3 +47,17 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
+
+def any_process(flags: list[bool], device: torch.device) -> list[bool]:
+    """For each flag, whether it is true on any process (a collective: every process calls it)."""
+    if not is_distributed():
+        return list(flags)
+    values = all_reduce_sum(torch.tensor([float(f) for f in flags], device=device))
+    return [bool(v > 0) for v in values.tolist()]
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (batch-norm statistics) to every process."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)

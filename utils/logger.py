@@ -6,7 +6,6 @@ helpers do nothing.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from utils import distributed
+from utils.files import atomic_write
 
 
 def run_logger(run_dir: Path | None, name: str = "segmentation") -> logging.Logger:
@@ -53,13 +53,11 @@ class MetricsCSV:
         fields = list(rows[0])
         for row in rows[1:]:
             fields += [k for k in row if k not in fields]
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as handle:
+        with atomic_write(self.path) as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             for row in rows:
                 writer.writerow({k: _fmt(v) for k, v in row.items()})
-        tmp.replace(self.path)
 
 
 def _fmt(value):
@@ -123,12 +121,3 @@ def plot_learning_curves(history: list[dict], path: Path) -> None:
 
 def _num(value) -> float:
     return float("nan") if value is None or value == "" else float(value)
-
-
-def write_json(data: dict, path: Path) -> None:
-    """Write JSON through a temporary file (main process only)."""
-    if not distributed.is_main_process():
-        return
-    tmp = Path(path).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Literal
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from base.base_dataset import BaseDataSet
+from utils.files import write_json
 from utils.registry import LOSSES
 
 WeightMethod = Literal["median_frequency", "enet"]
@@ -173,10 +173,11 @@ def cached_class_weights(dataset: BaseDataSet, method: WeightMethod, ignore_inde
         weights = enet_weights(counts)
 
     if path is not None:
-        _write_json(path, {"dataset": type(dataset).__name__, "method": method,
-                           "ignore_index": ignore_index, "num_classes": num_classes,
-                           "counts": counts.tolist(), "present_counts": present_counts.tolist(),
-                           "weights": weights})
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # Written atomically: processes started by torchrun never read half a file.
+        write_json({"dataset": type(dataset).__name__, "method": method, "ignore_index": ignore_index,
+                    "num_classes": num_classes, "counts": counts.tolist(),
+                    "present_counts": present_counts.tolist(), "weights": weights}, path)
     return weights
 
 
@@ -188,11 +189,3 @@ def _read_cache(path: str) -> list[float] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
-
-def _write_json(path: str, content: dict) -> None:
-    # Write then rename, so processes started by torchrun never read half a file.
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp",
-                                     delete=False, encoding="utf-8") as handle:
-        json.dump(content, handle, indent=2)
-    os.replace(handle.name, path)

@@ -1,6 +1,7 @@
 """The README's config reference, generated from the schema and the registries.
 
-    python -m utils.reference        # prints the Markdown
+    python -m utils.reference                   # prints the Markdown
+    python -m utils.reference --update README.md  # rewrites the README's reference
 
 A test checks that the README holds exactly this text, so the reference cannot
 drift from the code.
@@ -10,6 +11,8 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import sys
+from pathlib import Path
 
 from utils.config import (DATASET_INJECTED, LOADER_KEYS, LOSS_INJECTED, MODEL_INJECTED, OPTIMIZER_INJECTED,
                           OPTIMIZER_KEYS, SCHEDULER_INJECTED, TOP_LEVEL, TRAINER_KEYS, TRANSFORM_INJECTED,
@@ -106,5 +109,15 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+def update_readme(path: Path) -> None:
+    """Replace the reference between the markers in ``path``."""
+    text = path.read_text()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    path.write_text(text[:start] + reference_markdown() + text[end:])
+
+
 if __name__ == "__main__":
-    print(reference_markdown())
+    if sys.argv[1:2] == ["--update"]:
+        update_readme(Path(sys.argv[2] if len(sys.argv) > 2 else "README.md"))
+    else:
+        print(reference_markdown())

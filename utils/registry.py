@@ -88,6 +88,13 @@ def type_matches(value: Any, annotation: Any) -> bool:
     return True
 
 
+def _literal_strings(annotation: Any) -> list[str]:
+    """The string choices of a ``Literal`` annotation (also inside a union)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return [a for a in typing.get_args(annotation) if isinstance(a, str)]
+    return [s for arg in typing.get_args(annotation) for s in _literal_strings(arg)]
+
+
 def normalize_spec(spec: Any, path: str) -> dict:
     """Turn ``"Name"`` or ``{"type": "Name", "args": {...}}`` into the dict form."""
     if isinstance(spec, str):
@@ -185,7 +192,9 @@ class Registry:
                                   f"{did_you_mean(key, allowed)} Accepted: {', '.join(sorted(allowed))}")
             annotation = allowed[key].annotation
             if not type_matches(value, annotation):
-                raise ConfigError(f"{path}.args.{key}: expected {describe_type(annotation)}, got {value!r}")
+                message = f"{path}.args.{key}: expected {describe_type(annotation)}, got {value!r}"
+                hint = did_you_mean(value, _literal_strings(annotation)) if isinstance(value, str) else ""
+                raise ConfigError(message + ("." + hint if hint else ""))
         for key, param in params.items():
             if key in args or key in injected:
                 continue
@@ -195,13 +204,17 @@ class Registry:
             args[key] = list(param.default) if isinstance(param.default, tuple) else param.default
         return {"type": spec["type"], "args": args}
 
-    def build(self, spec: Any, path: str, **injected: Any) -> Any:
-        """Validate ``spec`` and call the constructor with its args plus ``injected``.
+    def build(self, spec: Any, path: str, **available: Any) -> Any:
+        """Validate ``spec`` and call the constructor with its args.
 
-        A ``ValueError`` or ``ConfigError`` raised while constructing is re-raised
-        as a ConfigError prefixed with the config path and type.
+        Of the framework's ``available`` values (number of classes, ignore index...)
+        the constructor receives those it declares. A ``ValueError`` or
+        ``ConfigError`` raised while constructing is re-raised as a ConfigError
+        prefixed with the config path and type.
         """
-        spec = self.validate(spec, path, injected=injected.keys())
+        spec = self.validate(spec, path, injected=available.keys())
+        declared = self.parameters(spec["type"])
+        injected = {k: v for k, v in available.items() if k in declared}
         try:
             return self._items[spec["type"]](**spec["args"], **injected)
         except (ValueError, ConfigError) as exc:

@@ -36,6 +36,11 @@ def save_palette_png(mask: np.ndarray, palette: Sequence[Sequence[int]], path: s
     img.save(path)
 
 
+def save_rgb_png(image: np.ndarray, path: str | Path) -> None:
+    """Save an RGB ``uint8`` image ``(H, W, 3)``."""
+    Image.fromarray(image).save(path)
+
+
 def prediction_grid(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
                     palette: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:
     """Rows of (image | ground truth | prediction) as one ``(3, H', W')`` uint8 array for TensorBoard.
