@@ -302,3 +302,57 @@ def test_ctrl_c_on_the_command_line_saves_and_exits_130(tmp_path, tiny_config):
     assert f"Resume with: python train.py --resume {run_dir / 'checkpoint.pth'}" in err
     state = torch.load(run_dir / "checkpoint.pth", weights_only=True)
     assert state["epoch"] >= 1 and len(state["history"]) >= 1
+
+
+def test_more_bad_inputs_get_one_line(tmp_path, tiny_config, trained, image_folder, capsys):
+    config_path, run_dir = trained
+    images, labels = image_folder
+
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('{"name": "caf\xe9"}'.encode("latin-1"))
+    assert train.main(["-c", str(latin)]) == 2
+    assert f"{latin}: not a UTF-8 text file" in one_line_error(capsys)
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert train.main(["-c", write_config(tmp_path, tiny_config), "--run-dir", str(a_file / "run")]) == 2
+    assert f"--run-dir {a_file / 'run'}: cannot create the folder" in one_line_error(capsys)
+
+    tiny_config["seed"] = -1
+    assert train.main(["-c", write_config(tmp_path, tiny_config)]) == 2
+    assert "seed: must be >= 0, got -1" in one_line_error(capsys)
+
+    checkpoint = str(run_dir / "best_model.pth")
+    assert inference.main(["-m", checkpoint, "-i", str(images), "-o", str(a_file)]) == 2
+    assert f"-o {a_file}: cannot create the folder" in one_line_error(capsys)
+    assert inference.main(["-m", checkpoint, "-i", str(images), "-o", str(images)]) == 2
+    assert "the output folder must not be the image or label folder" in one_line_error(capsys)
+    assert sorted(p.name for p in images.iterdir()) == ["img0.png", "img1.png", "img2.png"]  # untouched
+
+
+def test_override_to_null_and_ignore_index_that_is_a_class(tmp_path, tiny_config, capsys):
+    path = write_config(tmp_path, tiny_config)
+    assert train.main(["-c", path, "--set", "val_loader=null", "--set", "trainer.epochs=1",
+                       "--run-dir", str(tmp_path / "run")]) == 0
+    assert "mIoU" not in (tmp_path / "run" / "metrics.csv").read_text()  # trained without validation
+    capsys.readouterr()
+    assert train.main(["-c", path, "--set", "ignore_index=3"]) == 2
+    assert "ignore_index: 3 is a class of SyntheticShapes (0-4); use a value outside, e.g. 255" \
+        in one_line_error(capsys)
+
+
+def test_inference_does_not_need_imagenet_weights(tmp_path, tiny_config, image_folder, capsys):
+    """A config with pretrained true predicts from a checkpoint without the ImageNet file."""
+    images, _ = image_folder
+    tiny_config["arch"] = {"type": "DeepLabV3Plus", "args": {"backbone": "resnet18"}}
+    tiny_config["trainer"]["epochs"] = 1
+    assert train.main(["-c", write_config(tmp_path, tiny_config), "--run-dir", str(tmp_path / "run")]) == 0
+    tiny_config["arch"]["args"].update(pretrained=True, weights_path=str(tmp_path / "absent.pth"))
+    config = write_config(tmp_path, tiny_config, "pretrained.json")
+    assert inference.main(["-c", config, "-m", str(tmp_path / "run" / "checkpoint.pth"), "-i", str(images),
+                           "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "img0.png").is_file()
+    # Training from scratch with that config does need the file, and says where it should be.
+    capsys.readouterr()
+    assert train.main(["-c", config]) == 2
+    assert f"weights_path {tmp_path / 'absent.pth'} does not exist" in one_line_error(capsys)

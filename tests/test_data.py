@@ -830,3 +830,17 @@ def test_batch_of_mixed_sizes_says_what_to_change():
     with pytest.raises(DataError, match=r"a batch mixes image sizes \(height x width\) \d+x\d+, .*; add a "
                                         r"RandomCrop or Resize to the loader's transforms, or use batch_size 1"):
         list(loader)
+
+
+def test_default_label_map_treats_the_ignore_value_as_void():
+    class Plain(BaseDataSet):
+        class_names = ("a", "b")
+        palette = ((0, 0, 0), (255, 255, 255))
+
+        def _list_samples(self):
+            return [("img", "lbl")]
+
+    plain = Plain("train", ignore_index=255)
+    assert plain.map_label(np.array([[0, 1, 255]], np.uint8), "lbl").tolist() == [[0, 1, 255]]
+    with pytest.raises(DataError, match="lbl: label value 2 is neither a class"):
+        plain.map_label(np.array([[2]], np.uint8), "lbl")

@@ -153,3 +153,8 @@ def test_freeze_bn_keeps_running_statistics():
 def test_unet_transposed_upsampling_any_size():
     model = build("UNet", upsampling="transpose", depth=3)
     assert model(torch.randn(2, 3, 37, 53))["out"].shape == (2, NUM_CLASSES, 37, 53)
+
+
+def test_unet_accepts_inputs_smaller_than_its_pooling():
+    model = MODELS.build({"type": "UNet", "args": {"base_channels": 4, "depth": 4}}, "arch", num_classes=3)
+    assert model(torch.zeros(2, 3, 7, 9))["out"].shape == (2, 3, 7, 9)  # 16x16 needed: padded, then cropped

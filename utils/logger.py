@@ -96,27 +96,29 @@ def plot_learning_curves(history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("train_loss", "train loss"), ("val_loss", "validation loss")):
-        values = [_num(row.get(key)) for row in history]
-        if any(not math.isnan(v) for v in values):
-            ax_loss.plot(epochs, values, marker="o", label=label)
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("loss")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU"):
-        values = [_num(row.get(key)) for row in history]
-        if any(not math.isnan(v) for v in values):
-            ax_metric.plot(epochs, values, marker="o", label=key)
-    ax_metric.set_xlabel("epoch")
+    _plot_series(ax_loss, history, {"train_loss": "train loss", "val_loss": "validation loss"}, "loss")
+    _plot_series(ax_metric, history, {k: k for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU")}, "score")
     ax_metric.set_ylim(0, 1)
-    ax_metric.legend()
-    ax_metric.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_series(ax, history: list[dict], labels: dict[str, str], ylabel: str) -> None:
+    """One line per key, through the epochs that have a value (validation may skip epochs)."""
+    for key, label in labels.items():
+        points = [(row["epoch"], _num(row.get(key))) for row in history if not math.isnan(_num(row.get(key)))]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no validation", ha="center", va="center", transform=ax.transAxes)
 
 
 def _num(value) -> float:
