@@ -12,7 +12,6 @@ normalisation come from the checkpoint (or the data set class).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from utils.build import build_model, dataset_class, dataset_meta, make_dir, sele
 from utils.checkpoint import load_checkpoint, load_model_weights
 from utils.config import load_config
 from utils.errors import ConfigError, DataError, UserError, user_message
+from utils.files import write_json
 from utils.metrics import ConfusionMatrix, segmentation_metrics
 from utils.visualize import overlay, save_palette_png, save_rgb_png
 
@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
     confusion = lut = None
     if label_dir is not None:
+        labels = {path: find_label(label_dir, path.stem) for path in images}  # fail before predicting
         confusion = ConfusionMatrix(meta["num_classes"], meta["ignore_index"])
         lut = dataset_class(config).label_lut(meta["ignore_index"])
     for path in tqdm(images, desc="inference", disable=None):
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> dict | None:
         blended = overlay(image, pred, meta["palette"], args.alpha)
         save_rgb_png(blended, out_dir / f"{path.stem}_overlay.png")
         if confusion is not None:
-            label_path = find_label(label_dir, path.stem)
+            label_path = labels[path]
             label = apply_label_lut(read_label(label_path), lut, str(label_path), meta["num_classes"])
             if label.shape != pred.shape:
                 raise DataError(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but image {path} "
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> dict | None:
     if confusion is None:
         return None
     results = {"num_images": len(images), **segmentation_metrics(confusion.matrix, meta["class_names"])}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(results, out_dir / "results.json")
     (out_dir / "results.txt").write_text(format_results(results, meta["class_names"]))
     print(format_results(results, meta["class_names"]), end="")
     return results
@@ -147,7 +148,8 @@ def format_results(results: dict, class_names: list[str]) -> str:
              "", f"{'class':<20}{'IoU':>8}{'accuracy':>10}"]
     for name, iou, acc in zip(class_names, results["class_iou"], results["class_acc"]):
         lines.append(f"{name:<20}{_cell(iou):>8}{_cell(acc):>10}")
-    lines.append("(-: class absent from both labels and predictions; excluded from the means)")
+    lines.append("(- : no IoU when a class is in neither labels nor predictions, no accuracy when it is not "
+                 "in the labels; such classes are left out of the means)")
     return "\n".join(lines) + "\n"
 
 
