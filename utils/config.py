@@ -141,7 +141,10 @@ def apply_override(config: dict, assignment: str) -> None:
 
 
 def _check_keys(section: Any, schema: dict[str, Key], path: str, allowed_extra: tuple[str, ...] = ()) -> dict:
-    """Validate a plain section against ``schema``; returns it with defaults filled in."""
+    """Validate a plain section against ``schema``; returns its keys with defaults filled in.
+
+    ``allowed_extra`` names keys that are accepted here but validated elsewhere (not returned).
+    """
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: expected an object, got {type(section).__name__}")
     known = set(schema) | set(allowed_extra)
@@ -160,7 +163,7 @@ def _check_keys(section: Any, schema: dict[str, Key], path: str, allowed_extra: 
             raise ConfigError(f"{_join(path, key)}: expected {describe_type(spec.type)}, "
                               f"got {section[key]!r}")
         resolved[key] = section[key]
-    return {**{k: section[k] for k in allowed_extra if k in section}, **resolved}
+    return resolved
 
 
 def _join(path: str, key: str) -> str:
