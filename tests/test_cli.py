@@ -302,6 +302,13 @@ def test_ctrl_c_on_the_command_line_saves_and_exits_130(tmp_path, tiny_config):
     assert f"Resume with: python train.py --resume {run_dir / 'checkpoint.pth'}" in err
     state = torch.load(run_dir / "checkpoint.pth", weights_only=True)
     assert state["epoch"] >= 1 and len(state["history"]) >= 1
+    # The printed command resumes it; finish just the interrupted epoch.
+    last = state["epoch"] if not state["epoch_done"] else state["epoch"] + 1
+    assert train.main(["--resume", str(run_dir / "checkpoint.pth"), "--set", f"trainer.epochs={last}",
+                       "--set", "trainer.progress_bar=false"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [row["epoch"] for row in torch.load(run_dir / "checkpoint.pth", weights_only=True)["history"]] \
+        == list(range(1, last + 1)) and summary["epochs_trained"] == last
 
 
 def test_more_bad_inputs_get_one_line(tmp_path, tiny_config, trained, image_folder, capsys):
