@@ -84,6 +84,9 @@ class BaseTrainer:
         self.monitor_mode, self.monitor_metric = "off", None
         if settings["monitor"] != "off":
             self.monitor_mode, self.monitor_metric = settings["monitor"].split()
+        if self.monitor_mode != "off" and self.val_loader is None:
+            self.logger.warning(f"trainer.monitor is '{settings['monitor']}' but there is no validation: "
+                                "no best_model.pth and no early stop (set monitor to 'off' to silence this)")
         self.best = -math.inf if self.monitor_mode == "max" else math.inf
         self.best_epoch = 0
         self.not_improved = 0
