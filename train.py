@@ -41,10 +41,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def resolve_config(args: argparse.Namespace) -> dict:
+def resolve_config(args: argparse.Namespace, checkpoint: dict | None) -> dict:
+    """The ``-c`` config, else the one saved in the resumed checkpoint; ``--set`` applied."""
     if args.config is not None:
         return load_config(args.config, args.overrides)
-    saved = load_checkpoint(args.resume).get("config")
+    saved = checkpoint.get("config")
     if not isinstance(saved, dict):
         raise ConfigError(f"{args.resume}: the checkpoint holds no config; pass one with -c")
     return load_config(None, args.overrides, base=saved)
@@ -111,7 +112,8 @@ def build_trainer(config: dict, device: torch.device, run_dir: Path, components:
 
 
 def run(args: argparse.Namespace) -> dict:
-    config = resolve_config(args)
+    checkpoint = load_checkpoint(args.resume) if args.resume is not None else None
+    config = resolve_config(args, checkpoint)
     device = select_device(args.device)
     distributed.init_process_group(device)
     components = build_components(config, device, resuming=args.resume is not None)
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
     if distributed.is_main_process():
         write_json(config, run_dir / "config.json")
     if args.resume is not None:
-        trainer.resume(args.resume)
+        trainer.resume(args.resume, checkpoint)
     trainer.logger.info(f"Training {config['arch']['type']} on {config['train_loader']['type']} "
                         f"({len(trainer.train_loader.dataset)} images) on {device}")
     return trainer.train()

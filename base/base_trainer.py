@@ -39,6 +39,11 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FORCE_QUIT_AFTER = 2.0
 
 
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seed the global generator for an epoch's model-side randomness (dropout)."""
+    torch.manual_seed(seed * 1_000_003 + epoch)
+
+
 class TrainingInterrupted(Exception):
     """Raised after Ctrl-C once the checkpoint is safely written."""
 
@@ -136,7 +141,7 @@ class BaseTrainer:
     def _run_epoch(self, epoch: int) -> bool:
         """One epoch; returns True when early stopping ends training."""
         if self.start_iter == 0:
-            torch.manual_seed(self.seed * 1_000_003 + epoch)  # model-side randomness (dropout)
+            seed_epoch(self.seed, epoch)
             self.partial = {}
         started = time.perf_counter()
         logs = self._train_epoch(epoch, self.start_iter)
@@ -272,9 +277,9 @@ class BaseTrainer:
         save_atomic(state, path)
         return path
 
-    def resume(self, path: str | Path) -> None:
-        """Continue from a checkpoint written by :meth:`_save`."""
-        state = load_checkpoint(path)
+    def resume(self, path: str | Path, state: dict | None = None) -> None:
+        """Continue from a checkpoint written by :meth:`_save` (``state``: already loaded from ``path``)."""
+        state = state if state is not None else load_checkpoint(path)
         load_model_weights(self.unwrapped_model, state, path, self.meta["arch"], self.meta["num_classes"])
         try:
             epoch, iteration, done = state["epoch"], state["iteration"], state["epoch_done"]

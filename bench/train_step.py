@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from base.base_trainer import seed_epoch  # noqa: E402
 from train import build_trainer  # noqa: E402
 from trainer import Trainer  # noqa: E402
 from utils.build import build_loader, build_loss, build_model, build_optimizer, build_scheduler  # noqa: E402
@@ -149,11 +150,6 @@ def trainer_epoch(trainer: Trainer, epoch: int, loader: InMemoryLoader) -> None:
     trainer.train_loader = loader
     trainer.partial = {}  # what BaseTrainer._run_epoch does before a fresh epoch
     trainer._train_epoch(epoch, 0)
-
-
-def seed_epoch(seed: int, epoch: int) -> None:
-    """The per-epoch seed of ``BaseTrainer._run_epoch``, so both loops draw the same dropout masks."""
-    torch.manual_seed(seed * 1_000_003 + epoch)
 
 
 def timed(fn, *fn_args) -> float:

@@ -368,19 +368,12 @@ def test_corrupt_file_names_the_path(read, corrupt_png):
     assert str(corrupt_png) in str(info.value)
 
 
-def test_empty_label_file_names_the_path(tmp_path):
+@pytest.mark.parametrize("read", [read_image, read_label])
+def test_empty_file_names_the_path(read, tmp_path):
     path = tmp_path / "empty.png"
     path.write_bytes(b"")
     with pytest.raises(DataError, match="corrupt") as info:
-        read_label(path)
-    assert str(path) in str(info.value)
-
-
-def test_empty_image_file_names_the_path(tmp_path):
-    path = tmp_path / "empty.png"
-    path.write_bytes(b"")
-    with pytest.raises(DataError) as info:
-        read_image(path)
+        read(path)
     assert str(path) in str(info.value)
 
 
