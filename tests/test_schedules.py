@@ -8,7 +8,7 @@ import torch
 
 from utils.build import build_optimizer, build_scheduler
 from utils.config import validate_config
-from utils.lr_scheduler import OneCycle, Poly, poly_factor
+from utils.schedules.iteration import OneCycle, Poly, poly_factor
 from utils.registry import MODELS
 
 

@@ -9,6 +9,7 @@ configuration (defaults filled in), which is what a run saves beside itself.
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 import json
 from dataclasses import dataclass
@@ -302,10 +303,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         raise ConfigError("\n".join(source + line for line in str(exc).splitlines())) from None
 
 
+#: The packages whose modules register components; each imports all of its modules.
+COMPONENT_PACKAGES = ("models", "dataloader", "utils.losses", "utils.schedules", "utils.optimizers")
+
+
 def import_components() -> None:
-    """Import the modules that register models, data sets, losses, optimizers and schedulers."""
-    import dataloader  # noqa: F401
-    import models  # noqa: F401
-    import utils.losses  # noqa: F401
-    import utils.lr_scheduler  # noqa: F401
-    import utils.optimizers  # noqa: F401
+    """Import the packages that register models, data sets, losses, optimizers and schedules."""
+    for package in COMPONENT_PACKAGES:
+        importlib.import_module(package)

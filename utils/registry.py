@@ -8,7 +8,9 @@ config path and a did-you-mean instead of surfacing deep inside construction.
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
+import pkgutil
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -219,6 +221,17 @@ class Registry:
             return self._items[spec["type"]](**spec["args"], **injected)
         except (ValueError, ConfigError) as exc:
             raise ConfigError(f"{path} ({spec['type']}): {exc}") from exc
+
+
+def import_submodules(package: str) -> None:
+    """Import every module below ``package`` (recursively) so that their registrations run.
+
+    A component package calls this from its ``__init__``: adding a model, data
+    set, loss, schedule or optimizer is then one new file, with no list to edit.
+    """
+    root = importlib.import_module(package)
+    for info in pkgutil.walk_packages(root.__path__, prefix=f"{package}."):
+        importlib.import_module(info.name)
 
 
 MODELS = Registry("model")
