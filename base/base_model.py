@@ -30,6 +30,14 @@ class BaseModel(nn.Module):
             self.freeze_bn()
         return self
 
+    def pretrained_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """The input ``(mean, std)`` (0-1 range) the pretrained encoder was trained with.
+
+        ``None`` when no pretrained weights were requested: the data set's own
+        statistics are then used. Encoders set ``pretrained_normalization``.
+        """
+        return getattr(getattr(self, "backbone", None), "pretrained_normalization", None)
+
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         backbone = getattr(self, "backbone", None)
         return iter(()) if backbone is None else backbone.parameters()

@@ -19,6 +19,8 @@ from utils.errors import CheckpointError, ConfigError
 from utils.registry import BACKBONES
 
 OUTPUT_STRIDES = (8, 16, 32)
+#: The RGB statistics (0-1 range) of ImageNet, which torchvision's weights were trained with.
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 # depth -> (constructor, ImageNet weights whose file name the hub cache uses)
 _RESNETS: dict[int, tuple[Callable[..., tvm.ResNet], tvm.WeightsEnum]] = {
@@ -108,6 +110,7 @@ class ResNetBackbone(nn.Module):
         net = make(weights=None)
         if pretrained:
             _load(net, _weights_file(f"resnet{depth}", imagenet.url, weights_path))
+        self.pretrained_normalization = IMAGENET_MEAN_STD if pretrained else None
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         # Each stage halves the resolution until output_stride is reached, then dilates instead.
