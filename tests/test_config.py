@@ -181,3 +181,26 @@ def test_registry_rejects_duplicates_and_wraps_constructor_errors():
         registry.validate({"type": "Thing", "args": [1]}, "thing")
     with pytest.raises(ConfigError, match=r"thing.arg: unknown key. Did you mean 'args'\?"):
         registry.validate({"type": "Thing", "arg": {}}, "thing")
+
+
+def test_annotated_checks_run_at_validation():
+    from typing import Annotated
+
+    from utils.registry import Check
+
+    def even(value, path):
+        if value % 2:
+            raise ConfigError(f"{path}: must be even, got {value}")
+
+    things = Registry("thing")
+
+    @things.register
+    def pair(n: Annotated[int, Check(even)] = 2) -> int:
+        return n
+
+    assert things.validate({"type": "pair", "args": {"n": 4}}, "x") == {"type": "pair", "args": {"n": 4}}
+    with pytest.raises(ConfigError, match=r"^x\.args\.n: must be even, got 3$"):
+        things.validate({"type": "pair", "args": {"n": 3}}, "x")
+    # The type is checked first, so a check only ever sees a value of its type.
+    with pytest.raises(ConfigError, match=r"x\.args\.n: expected an integer, got 'z'"):
+        things.validate({"type": "pair", "args": {"n": "z"}}, "x")

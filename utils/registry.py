@@ -25,12 +25,35 @@ def did_you_mean(name: str, choices: typing.Iterable[str]) -> str:
     return f" Did you mean '{by_lower[close[0]]}'?" if close else ""
 
 
+class Check:
+    """A validator attached to an argument's type: ``Annotated[str, Check(fn)]``.
+
+    ``Registry.validate`` calls ``fn(value, path)`` once the value has the right
+    type; ``fn`` raises :class:`ConfigError` naming ``path`` when the value is
+    not acceptable. Use it for choices only known at run time (timm's model
+    names) or for nested specs (a loss made of other losses), so they are
+    checked with the rest of the config, before anything is built.
+    """
+
+    def __init__(self, fn: Callable[[Any, str], None]) -> None:
+        self.fn = fn
+
+
+def _strip_annotated(annotation: Any) -> tuple[Any, list[Check]]:
+    """``Annotated[T, Check(...)]`` -> ``(T, [checks])``; other annotations unchanged."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        base, *extras = typing.get_args(annotation)
+        return base, [e for e in extras if isinstance(e, Check)]
+    return annotation, []
+
+
 def _is_union(origin: Any) -> bool:
     return origin is typing.Union or getattr(origin, "__name__", "") == "UnionType"
 
 
 def describe_type(annotation: Any) -> str:
     """A readable name for a type annotation (``a list of an integer``, ``a number or null``)."""
+    annotation, _ = _strip_annotated(annotation)
     if annotation is inspect.Parameter.empty or annotation is Any:
         return "any value"
     if annotation is type(None):
@@ -59,6 +82,7 @@ def type_matches(value: Any, annotation: Any) -> bool:
     ``float`` (an int is accepted), ``str``, ``None``, unions, ``Literal``,
     ``list``/``tuple``/``Sequence`` of a type, and ``dict``/``Mapping``.
     """
+    annotation, _ = _strip_annotated(annotation)
     if annotation is inspect.Parameter.empty or annotation is Any:
         return True
     if annotation is type(None) or annotation is None:
@@ -197,6 +221,8 @@ class Registry:
                 message = f"{path}.args.{key}: expected {describe_type(annotation)}, got {value!r}"
                 hint = did_you_mean(value, _literal_strings(annotation)) if isinstance(value, str) else ""
                 raise ConfigError(message + ("." + hint if hint else ""))
+            for check in _strip_annotated(annotation)[1]:
+                check.fn(value, f"{path}.args.{key}")
         for key, param in params.items():
             if key in args or key in injected:
                 continue
