@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
 import pytest
 
 from utils.config import apply_override, load_config, read_json, validate_config
 from utils.errors import ConfigError
-from utils.registry import Registry
+from utils.registry import Check, Registry
 
 
 def write(tmp_path, config) -> str:
@@ -183,19 +184,16 @@ def test_registry_rejects_duplicates_and_wraps_constructor_errors():
         registry.validate({"type": "Thing", "arg": {}}, "thing")
 
 
+def _even(value, path):
+    if value % 2:
+        raise ConfigError(f"{path}: must be even, got {value}")
+
+
 def test_annotated_checks_run_at_validation():
-    from typing import Annotated
-
-    from utils.registry import Check
-
-    def even(value, path):
-        if value % 2:
-            raise ConfigError(f"{path}: must be even, got {value}")
-
     things = Registry("thing")
 
     @things.register
-    def pair(n: Annotated[int, Check(even)] = 2) -> int:
+    def pair(n: Annotated[int, Check(_even)] = 2) -> int:
         return n
 
     assert things.validate({"type": "pair", "args": {"n": 4}}, "x") == {"type": "pair", "args": {"n": 4}}
