@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from base.base_dataset import apply_label_lut, normalize, read_image, read_label
+from base.base_dataset import apply_label_lut, normalize_batch, read_image, read_label
 from utils.build import build_model, dataset_class, dataset_meta, make_dir, select_device
 from utils.checkpoint import load_checkpoint, load_model_weights
 from utils.config import load_config
@@ -54,6 +54,18 @@ def list_images(folder: Path, extension: str | None) -> list[Path]:
     return images
 
 
+def output_names(images: list[Path]) -> dict[Path, str]:
+    """The output name of each image: its stem, or its file name where two images share a stem.
+
+    ``a.png`` and ``a.jpg`` in one folder give ``a.png.png`` and ``a.jpg.png``
+    (and ``..._overlay.png``) instead of one overwriting the other.
+    """
+    stems: dict[str, int] = {}
+    for path in images:
+        stems[path.stem] = stems.get(path.stem, 0) + 1
+    return {path: path.stem if stems[path.stem] == 1 else path.name for path in images}
+
+
 def find_label(label_dir: Path, stem: str) -> Path:
     """The label file of an image: same stem, PNG preferred."""
     candidates = [label_dir / f"{stem}.png"] + sorted(label_dir.glob(f"{stem}.*"))
@@ -77,7 +89,8 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, image: np.ndarray) -> np.ndarray:
-        x = normalize(image, self.meta["mean"], self.meta["std"])[None].to(self.device)
+        batch = torch.from_numpy(np.ascontiguousarray(image))[None].to(self.device)
+        x = normalize_batch(batch, self.meta["mean"], self.meta["std"])
         return self.model(x)["out"].argmax(dim=1)[0].cpu().numpy()
 
 
@@ -115,12 +128,13 @@ def run(args: argparse.Namespace) -> dict | None:
         labels = {path: find_label(label_dir, path.stem) for path in images}  # fail before predicting
         confusion = ConfusionMatrix(meta["num_classes"], meta["ignore_index"])
         lut = dataset_class(config).label_lut(meta["ignore_index"])
+    names = output_names(images)
     for path in tqdm(images, desc="inference", disable=None):
         image = read_image(path)
         pred = predictor.predict(image)
-        save_palette_png(pred, meta["palette"], out_dir / f"{path.stem}.png")
+        save_palette_png(pred, meta["palette"], out_dir / f"{names[path]}.png")
         blended = overlay(image, pred, meta["palette"], args.alpha)
-        save_rgb_png(blended, out_dir / f"{path.stem}_overlay.png")
+        save_rgb_png(blended, out_dir / f"{names[path]}_overlay.png")
         if confusion is not None:
             label_path = labels[path]
             label = apply_label_lut(read_label(label_path), lut, str(label_path), meta["num_classes"])

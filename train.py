@@ -9,6 +9,7 @@ shard of the data and rank 0 writes the run folder.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from datetime import datetime
@@ -20,8 +21,8 @@ from base.base_trainer import TrainingInterrupted
 from trainer import Trainer
 from utils import distributed
 from utils.build import (build_loader, build_loss, build_model, build_optimizer, build_scheduler,
-                         dataset_class, dataset_meta, make_dir, select_device)
-from utils.checkpoint import load_checkpoint
+                         dataset_class, dataset_meta, gives_fixed_size, input_normalization, make_dir, select_device)
+from utils.checkpoint import check_compatible, load_checkpoint
 from utils.config import load_config
 from utils.errors import ConfigError, UserError, user_message
 from utils.files import write_json
@@ -67,13 +68,31 @@ def make_run_dir(config: dict, args: argparse.Namespace) -> Path:
     return run_dir
 
 
+def finished_message(checkpoint: dict, config: dict, path: str) -> str | None:
+    """What to say when resuming a run that already ended, unless its epochs were raised."""
+    finished = checkpoint.get("finished")
+    saved_epochs = (checkpoint.get("config") or {}).get("trainer", {}).get("epochs", checkpoint.get("epoch"))
+    if not finished or config["trainer"]["epochs"] > saved_epochs:
+        return None
+    return (f"{path}: the run already finished ({finished} at epoch {checkpoint['epoch']} of {saved_epochs}); "
+            f"nothing to resume. To train further, raise the epochs: --set trainer.epochs=N (N > {saved_epochs})")
+
+
+def check_processes(config: dict) -> None:
+    """``n_gpu > 1`` needs one process per GPU, which torchrun starts."""
+    if config["n_gpu"] > 1 and not distributed.launched_by_torchrun():
+        raise ConfigError(f"n_gpu is {config['n_gpu']} but this is a single process: run "
+                          f"torchrun --nproc_per_node={config['n_gpu']} train.py -c CONFIG "
+                          "(or set n_gpu to 1)")
+
+
 def build_components(config: dict, device: torch.device, resuming: bool = False) -> dict:
     """Build every configured object; bad data or arguments fail here, before the run folder exists.
 
     When ``resuming``, ImageNet weights are not loaded: the checkpoint replaces them.
     """
-    train_loader = build_loader(config, "train_loader")
-    val_loader = build_loader(config, "val_loader") if config["val_loader"] is not None else None
+    train_loader = build_loader(config, "train_loader", device)
+    val_loader = build_loader(config, "val_loader", device) if config["val_loader"] is not None else None
     if len(train_loader) == 0:
         raise ConfigError(f"train_loader: {len(train_loader.dataset)} samples make no full batch of "
                           f"batch_size {train_loader.batch_size} (drop_last is true); lower batch_size")
@@ -88,44 +107,83 @@ def build_components(config: dict, device: torch.device, resuming: bool = False)
                           "batch statistics", stacklevel=1)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    elif config["n_gpu"] > 1:
-        warnings.warn(f"n_gpu is {config['n_gpu']} but this is a single process; to use several GPUs run "
-                      f"torchrun --nproc_per_node={config['n_gpu']} train.py -c CONFIG", stacklevel=1)
     optimizer = build_optimizer(config, getattr(model, "module", model))
+    aux_loss = build_loss(config, train_loader.dataset, "aux_loss")
     return {"model": model, "train_loader": train_loader, "val_loader": val_loader, "optimizer": optimizer,
             "loss": build_loss(config, train_loader.dataset).to(device),
+            "aux_loss": aux_loss.to(device) if aux_loss is not None else None,
             "lr_scheduler": build_scheduler(config, optimizer, len(train_loader))}
 
 
-def build_trainer(config: dict, device: torch.device, run_dir: Path, components: dict | None = None) -> Trainer:
-    """The trainer of ``config``, writing to ``run_dir`` (which must exist on rank 0)."""
+def build_trainer(config: dict, device: torch.device, run_dir: Path, components: dict | None = None,
+                  meta: dict | None = None) -> Trainer:
+    """The trainer of ``config``, writing to ``run_dir`` (which must exist on rank 0).
+
+    ``meta`` (classes, palette, input normalisation) defaults to that of a new run.
+    """
     components = components if components is not None else build_components(config, device)
+    if meta is None:
+        mean, std, _ = input_normalization(config, getattr(components["model"], "module", components["model"]))
+        meta = dataset_meta(config, (mean, std))
     settings = config["trainer"]
     tb_dir = None
     if settings["tensorboard"]:
         tb_dir = (Path(settings["log_dir"]) / config["name"] / run_dir.name
                   if settings["log_dir"] else run_dir / "tensorboard")
     return Trainer(**components, device=device, run_dir=run_dir, settings=settings, config=config,
-                   meta=dataset_meta(config), seed=config["seed"], amp=config["amp"],
+                   meta=meta, seed=config["seed"], amp=config["amp"],
                    aux_loss_weight=config["aux_loss_weight"], ignore_index=config["ignore_index"],
-                   denormalize=dataset_class(config).denormalize, tensorboard_dir=tb_dir)
+                   tensorboard_dir=tb_dir)
 
 
 def run(args: argparse.Namespace) -> dict:
     checkpoint = load_checkpoint(args.resume) if args.resume is not None else None
     config = resolve_config(args, checkpoint)
+    if checkpoint is not None:
+        check_compatible(checkpoint, args.resume, config["arch"]["type"], dataset_class(config).num_classes())
+        message = finished_message(checkpoint, config, args.resume)
+        if message is not None:  # nothing is built or written
+            return {"run_dir": str(Path(args.resume).resolve().parent), "finished": message}
+    check_processes(config)
     device = select_device(args.device)
     distributed.init_process_group(device)
-    components = build_components(config, device, resuming=args.resume is not None)
+    components = build_components(config, device, resuming=checkpoint is not None)
+    model = getattr(components["model"], "module", components["model"])
+    saved_meta = (checkpoint or {}).get("meta") or {}
+    if "mean" in saved_meta:  # a resumed run keeps the normalisation it was trained with
+        mean, std, source = saved_meta["mean"], saved_meta["std"], "the resumed checkpoint's"
+    else:
+        mean, std, source = input_normalization(config, model)
+    if device.type == "cuda":
+        # cuDNN times its kernels once per input size: worth it when the size never changes.
+        torch.backends.cudnn.benchmark = gives_fixed_size(components["train_loader"].dataset.transforms)
     run_dir = make_run_dir(config, args)
-    trainer = build_trainer(config, device, run_dir, components)
+    trainer = build_trainer(config, device, run_dir, components, dataset_meta(config, (mean, std)))
     if distributed.is_main_process():
         write_json(config, run_dir / "config.json")
-    if args.resume is not None:
+    if checkpoint is not None:
         trainer.resume(args.resume, checkpoint)
     trainer.logger.info(f"Training {config['arch']['type']} on {config['train_loader']['type']} "
                         f"({len(trainer.train_loader.dataset)} images) on {device}")
+    trainer.logger.info(f"Input normalisation: mean {_rounded(mean)}, std {_rounded(std)} ({source})")
     return trainer.train()
+
+
+def _rounded(values) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
+
+
+def resume_command(checkpoint: Path, args: argparse.Namespace) -> str:
+    """The command that resumes this run, as it was started (torchrun included)."""
+    script = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == "train.py" else "train.py"
+    device = f" --device {args.device}" if args.device else ""
+    if not distributed.launched_by_torchrun():
+        return f"python {script} --resume {checkpoint}{device}"
+    launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}"
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if nodes > 1:
+        launcher += f" --nnodes={nodes} (and the same rendezvous options as before)"
+    return f"{launcher} {script} --resume {checkpoint}{device}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         report = distributed.is_main_process()  # asked before the process group is gone
     except TrainingInterrupted as exc:
         if distributed.is_main_process():
-            print(f"{exc}\nResume with: python train.py --resume {exc.checkpoint}", file=sys.stderr)
+            print(f"{exc}\nResume with: {resume_command(exc.checkpoint, args)}", file=sys.stderr)
         return 130
     except UserError as exc:
         rank = f"[rank {distributed.get_rank()}] " if distributed.is_distributed() else ""
@@ -145,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if distributed.is_distributed():
             torch.distributed.destroy_process_group()
+    if "finished" in summary:
+        print(summary["finished"])
+        return 0
     if report:
         best = summary.get("best_metrics") or summary.get("last_metrics") or {}
         if "mIoU" in best:

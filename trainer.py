@@ -3,11 +3,17 @@
 It receives built objects (model, loss, optimizer, scheduler, loaders) and owns
 only the loop; checkpoints, resume, early stop and Ctrl-C live in
 :class:`base.base_trainer.BaseTrainer`.
+
+Batches arrive as ``uint8`` images and compact integer labels and are
+converted on the device (a quarter of the bytes to copy). Reading a value of
+the device on the host waits for the device, so the loop keeps its running
+loss there and looks at it, at the NaN check and at the stop request only every
+``trainer.log_per_iter`` iterations.
 """
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +21,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from base.base_dataloader import BaseDataLoader, is_worker_failure
+from base.base_dataset import normalize_batch
 from base.base_trainer import BaseTrainer
 from utils import distributed
 from utils.errors import TrainingError
 from utils.logger import TensorBoard
 from utils.metrics import ConfusionMatrix, segmentation_metrics
 from utils.visualize import prediction_grid
+
+
+#: The scores of a validation row (besides the per-class ``iou/NAME``).
+VALIDATION_KEYS = ("val_loss", "pixel_acc", "mean_acc", "mIoU", "fwIoU")
 
 
 class Trainer(BaseTrainer):
@@ -30,55 +42,86 @@ class Trainer(BaseTrainer):
         loss: called as ``loss(logits, target)``.
         device: where the model lives.
         amp: autocast (float16 with loss scaling on CUDA, bfloat16 on the CPU).
-        aux_loss_weight: weight of ``outputs["aux"]`` for models with an auxiliary head.
+        aux_loss: the loss of ``outputs["aux"]`` for models with an auxiliary
+            head; ``None`` uses ``loss``.
+        aux_loss_weight: weight of the auxiliary loss.
         ignore_index: label value that counts nowhere.
-        denormalize: maps a normalised batch back to 0-1 RGB (for the TensorBoard grid).
         tensorboard_dir: where TensorBoard events go; None disables them.
+
+    The input normalisation (``meta["mean"]``, ``meta["std"]``) is applied on
+    the device.
     """
 
     def __init__(self, *, model: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimizer,
                  lr_scheduler, train_loader, val_loader, device: torch.device, run_dir: Path,
                  settings: dict, config: dict, meta: dict, seed: int = 42, amp: bool = False,
-                 aux_loss_weight: float = 0.4, ignore_index: int = 255, denormalize=None,
+                 aux_loss: nn.Module | None = None, aux_loss_weight: float = 0.4, ignore_index: int = 255,
                  tensorboard_dir: Path | None = None) -> None:
         use_scaler = amp and device.type == "cuda"
         super().__init__(model, optimizer, lr_scheduler, train_loader, val_loader, run_dir, settings,
                          config, meta, seed, torch.amp.GradScaler(device.type, enabled=use_scaler))
         self.loss = loss
+        self.aux_loss = aux_loss
         self.device = device
         self.amp = amp
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         self.aux_loss_weight = aux_loss_weight
         self.ignore_index = ignore_index
-        self.denormalize = denormalize
+        self.mean, self.std = meta["mean"], meta["std"]
         self.confusion = ConfusionMatrix(meta["num_classes"], ignore_index, device=device)
         self.tb = TensorBoard(tensorboard_dir)
         self.show_progress = settings["progress_bar"] and distributed.is_main_process()
+        self._val_sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
+    def _to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``uint8`` images and compact labels -> the normalised float input and int64 targets, on the device."""
+        images = normalize_batch(images.to(self.device, non_blocking=True), self.mean, self.std)
+        return images, targets.to(self.device, non_blocking=True).long()
+
     def compute_loss(self, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         loss = self.loss(outputs["out"], target)
         if "aux" in outputs and self.aux_loss_weight:
-            loss = loss + self.aux_loss_weight * self.loss(outputs["aux"], target)
+            aux_loss = self.aux_loss if self.aux_loss is not None else self.loss
+            loss = loss + self.aux_loss_weight * aux_loss(outputs["aux"], target)
         return loss
+
+    def _batches(self, loader: BaseDataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The loader's batches. A worker that dies after a stop request ends the epoch there.
+
+        Workers block the stop signals, but one started by a forkserver can
+        still be hit while it starts; its death is then the stop point, not a crash.
+        """
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as exc:
+                if not (self._stop_requested and is_worker_failure(exc)):
+                    raise
+                self.logger.warning(f"a data-loading worker ended after the stop request ({exc}); stopping here")
+                loader.shutdown()
+                return
+            yield batch
 
     def _train_epoch(self, epoch: int, start_iter: int) -> dict[str, float]:
         self.model.train()
         loader = self.train_loader
         loader.set_epoch(epoch, skip_batches=start_iter)
-        iters = start_iter + len(loader)
-        loss_sum = self.partial.get("loss_sum", 0.0)
-        count = int(self.partial.get("count", 0))
-        lr = self.partial.get("lr")
+        iters = self.epoch_iters = start_iter + len(loader)
         self.iteration = start_iter
+        window = LossWindow(self.device)
+        totals = {"loss_sum": self.partial.get("loss_sum", 0.0), "count": self.partial.get("count", 0)}
+        lr = self.partial.get("lr")
         bar = tqdm(total=iters, initial=start_iter, desc=f"train {epoch}/{self.epochs}",
                    disable=None if self.show_progress else True, dynamic_ncols=True, leave=False)
         rate = ImageRate()
-        for images, targets in loader:
-            images = images.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
+        for images, targets in self._batches(loader):
+            images, targets = self._to_device(images, targets)
             lr = self.optimizer.param_groups[0]["lr"]
             with self._autocast():
                 loss = self.compute_loss(self._forward(images), targets)
@@ -87,37 +130,42 @@ class Trainer(BaseTrainer):
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.lr_scheduler.step()
-
-            value = loss.item()  # a CPU-GPU sync point; needed for the NaN check and the bar
-            diverged, self._stop_requested = distributed.any_process(
-                [not math.isfinite(value), self._stop_requested], self.device)
-            if diverged:
-                where = value if not math.isfinite(value) else "not finite on another process"
-                raise TrainingError(f"loss is {where} at epoch {epoch}, iteration {self.iteration + 1}; "
-                                    f"stopped. The last good checkpoint in {self.run_dir} is untouched "
-                                    "(try a lower learning rate, or amp off)")
             self.iteration += 1
-            loss_sum += value
-            count += 1
-            self.partial = {"loss_sum": loss_sum, "count": count, "lr": lr}
-
+            window.add(loss.detach(), self.iteration)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / count:.4f}", lr=f"{lr:.2e}",
-                            img_s=f"{rate.update(images.shape[0]):.1f}", refresh=False)
-            step = (epoch - 1) * iters + self.iteration
-            if self.iteration % self.settings["log_per_iter"] == 0:
-                self.tb.scalar("train/loss", value, step)
-                for i, group in enumerate(self.optimizer.param_groups):
-                    self.tb.scalar(f"train/lr/{group.get('name', i)}", group["lr"], step)
-            if self._stop_requested:
-                break
+            rate.update(images.shape[0])
+            if self.iteration % self.settings["log_per_iter"] == 0 or self.iteration == iters:
+                self._check(epoch, window, totals, lr, iters, bar, rate)
+                if self._stop_requested:
+                    break
+        if window.count:  # the epoch ended between checks (a worker ended it after a stop request)
+            self._check(epoch, window, totals, lr, iters, bar, rate)
         bar.close()
-        train_loss = _reduced_mean(loss_sum, count, self.device)
-        self.tb.scalar("train/epoch_loss", train_loss, epoch)
-        logs = {"train_loss": train_loss}
+        logs = {"train_loss": _reduced_mean(totals["loss_sum"], int(totals["count"]), self.device)}
         if lr is not None:
             logs["lr"] = lr  # the rate of the epoch's last iteration
         return logs
+
+    def _check(self, epoch: int, window: LossWindow, totals: dict, lr: float | None, iters: int,
+               bar: tqdm, rate: ImageRate) -> None:
+        """Every ``log_per_iter`` iterations: read the loss window (a sync), agree on NaN and stop, log."""
+        loss_sum, count, bad_iteration, bad_value = window.read()
+        diverged, self._stop_requested = distributed.any_process([bad_iteration > 0, self._stop_requested],
+                                                                 self.device)
+        if diverged:
+            where = (f"{bad_value} at epoch {epoch}, iteration {bad_iteration}" if bad_iteration > 0
+                     else f"not finite on another process in epoch {epoch} (before iteration {self.iteration})")
+            raise TrainingError(f"loss is {where}; stopped. The last good checkpoint in {self.run_dir} is "
+                                "untouched (try a lower learning rate, or amp off)")
+        totals["loss_sum"] += loss_sum
+        totals["count"] += count
+        self.partial = {**totals, "lr": lr}
+        step = (epoch - 1) * iters + self.iteration
+        self.tb.scalar("train/loss", loss_sum / count, step)  # mean over the iterations since the last check
+        for i, group in enumerate(self.optimizer.param_groups):
+            self.tb.scalar(f"train/lr/{group.get('name', i)}", group["lr"], step)
+        bar.set_postfix(loss=f"{totals['loss_sum'] / totals['count']:.4f}", lr=f"{lr:.2e}",
+                        img_s=f"{rate.value or 0:.1f}", refresh=False)
 
     def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         try:
@@ -139,48 +187,80 @@ class Trainer(BaseTrainer):
         model.eval()
         self.confusion.reset()
         self.val_loader.set_epoch(epoch)
-        loss_sum, count, sample = 0.0, 0, None
-        bar = tqdm(self.val_loader, desc=f"val {epoch}/{self.epochs}", dynamic_ncols=True, leave=False,
-                   disable=None if self.show_progress else True)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        count, self._val_sample = 0, None
+        bar = tqdm(total=len(self.val_loader), desc=f"val {epoch}/{self.epochs}", dynamic_ncols=True,
+                   leave=False, disable=None if self.show_progress else True)
         rate = ImageRate()
-        for images, targets in bar:
-            images = images.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
+        for raw_images, raw_targets in self._batches(self.val_loader):
+            images, targets = self._to_device(raw_images, raw_targets)
             with self._autocast():
                 logits = model(images)["out"]
                 loss = self.loss(logits, targets)
             preds = logits.argmax(dim=1)
             self.confusion.update(preds, targets)
-            loss_sum += loss.item() * images.shape[0]
+            loss_sum += loss.detach().double() * images.shape[0]
             count += images.shape[0]
-            if sample is None:
-                sample = (images[:4].float().cpu(), targets[:4].cpu(), preds[:4].cpu())
-            bar.set_postfix(loss=f"{loss_sum / count:.4f}", img_s=f"{rate.update(images.shape[0]):.1f}",
-                            refresh=False)
+            if self._val_sample is None:
+                self._val_sample = (raw_images[:4], raw_targets[:4], preds[:4].cpu())
+            bar.update(1)
+            bar.set_postfix(img_s=f"{rate.update(images.shape[0]):.1f}", refresh=False)
             if self._stop_requested:
                 break
         bar.close()
         self.confusion.all_reduce()
         metrics = segmentation_metrics(self.confusion.matrix, self.meta["class_names"])
-        row = {"val_loss": _reduced_mean(loss_sum, count, self.device),
-               **{k: metrics[k] for k in ("pixel_acc", "mean_acc", "mIoU", "fwIoU")}}
+        row = {"val_loss": _reduced_mean(loss_sum.item(), count, self.device),
+               **{k: metrics[k] for k in VALIDATION_KEYS[1:]}}
         for name, iou in zip(self.meta["class_names"], metrics["class_iou"]):
             row[f"iou/{name}"] = iou
-        self._log_validation(epoch, row, sample)
         return row
 
-    def _log_validation(self, epoch: int, row: dict, sample) -> None:
+    def _log_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        self.tb.scalar("train/epoch_loss", row["train_loss"], epoch)
+        if "val_loss" not in row:
+            return
         for key, value in row.items():
-            if isinstance(value, float):
+            if key in VALIDATION_KEYS or key.startswith("iou/"):
                 self.tb.scalar(f"val/{key}", value, epoch)
-        if sample is not None and self.denormalize is not None:
-            images, targets, preds = sample
-            grid = prediction_grid(self.denormalize(images), targets, preds, self.meta["palette"],
-                                   self.ignore_index)
+        if self._val_sample is not None:
+            images, targets, preds = self._val_sample
+            grid = prediction_grid(images, targets, preds, self.meta["palette"], self.ignore_index)
             self.tb.image("val/image_groundtruth_prediction", grid, epoch)
 
     def close(self) -> None:
         self.tb.close()
+        for loader in (self.train_loader, self.val_loader):
+            if isinstance(loader, BaseDataLoader):
+                loader.shutdown()
+
+
+class LossWindow:
+    """The training losses since the last check, kept on the device (no host sync per iteration).
+
+    Also remembers the first iteration whose loss was not finite, and that loss.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._sum = torch.zeros((), dtype=torch.float64, device=device)
+        self._bad = torch.zeros(2, dtype=torch.float64, device=device)  # (iteration or 0, value)
+        self.count = 0
+
+    def add(self, loss: torch.Tensor, iteration: int) -> None:
+        loss = loss.double()
+        self._sum += loss
+        first = ~torch.isfinite(loss) & (self._bad[0] == 0)
+        self._bad = torch.where(first, torch.stack([torch.full_like(loss, iteration), loss]), self._bad)
+        self.count += 1
+
+    def read(self) -> tuple[float, int, int, float]:
+        """``(loss sum, count, first non-finite iteration or 0, its loss)``; resets the window."""
+        loss_sum, bad_iteration, bad_value = torch.cat([self._sum.view(1), self._bad]).tolist()  # the sync
+        count = self.count
+        self._sum.zero_()
+        self._bad.zero_()
+        self.count = 0
+        return loss_sum, count, int(bad_iteration), bad_value
 
 
 class ImageRate:

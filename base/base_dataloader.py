@@ -3,23 +3,38 @@
 The sampler draws the permutation of an epoch from a generator seeded with the
 run's seed and the epoch, shards it by rank for ``torchrun``, and can skip the
 batches already seen, so that an interrupted epoch resumes exactly where it
-stopped. Together with the data set's per-sample randomness (see
-:class:`base.base_dataset.BaseDataSet`) this makes resumed training bit-exact.
+stopped. It yields ``(epoch, index)`` pairs: the data set's per-sample
+randomness is a function of them (see :class:`base.base_dataset.BaseDataSet`),
+which makes resumed training bit-exact and lets worker processes live for the
+whole run (they learn the epoch from each request).
+
+Stopping is the main process's job: worker processes block SIGINT and SIGTERM,
+which a terminal or a cluster scheduler sends to the whole process group, so a
+stop request never kills a worker in the middle of a batch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 from collections.abc import Iterator
+from typing import Literal
 
+import cv2
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils import distributed
 from utils.errors import DataError
 
+#: Signals that ask training to stop; only the main process acts on them.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-class EpochSampler(Sampler[int]):
-    """Indices of one epoch: seeded shuffle, rank sharding and resumable skipping.
+StartMethod = Literal["fork", "spawn", "forkserver"]
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """``(epoch, index)`` pairs of one epoch: seeded shuffle, rank sharding and resumable skipping.
 
     Args:
         dataset_len: number of samples.
@@ -59,7 +74,7 @@ class EpochSampler(Sampler[int]):
         if self.even_shards and total > len(order):  # pad by repeating so every rank gets the same count
             order = (order * math.ceil(total / len(order)))[:total]
         mine = order[self.rank::self.world_size]
-        return iter(mine[self.skip:])
+        return ((self.epoch, index) for index in mine[self.skip:])
 
     def __len__(self) -> int:
         return max(self._per_rank() - self.skip, 0)
@@ -67,7 +82,7 @@ class EpochSampler(Sampler[int]):
 
 def collate_pairs(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ``(image, label)`` pairs; mixed sizes get an error that says what to change."""
-    sizes = {tuple(image.shape[-2:]) for image, _ in batch}
+    sizes = {tuple(image.shape[:2]) for image, _ in batch}
     if len(sizes) > 1:
         shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
         raise DataError(f"a batch mixes image sizes (height x width) {shown}; add a RandomCrop or Resize "
@@ -75,26 +90,74 @@ def collate_pairs(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch
     return torch.stack([image for image, _ in batch]), torch.stack([label for _, label in batch])
 
 
+def init_worker(worker_id: int) -> None:
+    """Run in each worker process when it starts."""
+    # Workers usually inherit the blocked mask (see BaseDataLoader.__iter__); a forkserver
+    # started earlier does not pass it on, so block here too.
+    if hasattr(signal, "pthread_sigmask"):  # not on Windows
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    # The workers are the parallelism: OpenCV's own threads would only compete with them.
+    cv2.setNumThreads(0)
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back (they are delivered on exit); processes started meanwhile inherit the block."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def is_worker_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the loader's report of a worker process that died (not a data error)."""
+    text = str(exc)
+    return isinstance(exc, (BrokenPipeError, ConnectionResetError, EOFError)) or (
+        isinstance(exc, RuntimeError) and "DataLoader worker" in text and "exited unexpectedly" in text)
+
+
 class BaseDataLoader(DataLoader):
     """A ``DataLoader`` over a segmentation data set with an :class:`EpochSampler`.
 
-    Workers are not persistent: they are started for each epoch and so see the
-    data set's current epoch (its augmentation randomness) without messaging.
+    With ``num_workers > 0`` the worker processes are persistent: started by
+    the first epoch and reused (they receive the epoch with every index).
     The loader has its own random generator (which only seeds the workers)
     because the default would draw from the global one at every epoch and
     change the model's dropout masks after a resume.
+
+    Args:
+        start_method: how workers are started (``fork``, ``spawn`` or
+            ``forkserver``); ``None`` is Python's default for the platform.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int = 8, shuffle: bool = False,
                  num_workers: int = 0, drop_last: bool = False, pin_memory: bool = False,
-                 seed: int = 0, even_shards: bool = True) -> None:
+                 seed: int = 0, even_shards: bool = True, start_method: StartMethod | None = None) -> None:
         sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, even_shards=even_shards)
+        workers = {}
+        if num_workers > 0:
+            workers = {"persistent_workers": True, "worker_init_fn": init_worker,
+                       "multiprocessing_context": start_method}
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                          drop_last=drop_last, pin_memory=pin_memory, collate_fn=collate_pairs,
-                         generator=torch.Generator().manual_seed(seed))
+                         generator=torch.Generator().manual_seed(seed), **workers)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Prepare ``epoch`` (1-based); skip the first ``skip_batches`` batches of it."""
         self.sampler.set_epoch(epoch, skip=skip_batches * self.batch_size)
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        if self.num_workers > 0 and self._iterator is None:
+            # The first iteration starts the workers: they inherit blocked stop signals, and a
+            # Ctrl-C meanwhile reaches the main process once they are up.
+            with signals_blocked():
+                return super().__iter__()
+        return super().__iter__()
+
+    def shutdown(self) -> None:
+        """Stop the persistent worker processes (they are started again if the loader is reused)."""
+        self._iterator = None  # the iterator's finaliser shuts its workers down

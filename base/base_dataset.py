@@ -7,7 +7,14 @@ normalisation with the data set's own mean/std is always applied last.
 
 Randomness is a pure function of ``(seed, epoch, index)``: the same sample gets
 the same augmentation whichever worker loads it and whether or not the run was
-resumed, which is what makes resumed training bit-exact.
+resumed, which is what makes resumed training bit-exact. The loaders ask for
+``dataset[(epoch, index)]``, so persistent workers need no message when the
+epoch changes.
+
+Items stay ``uint8`` from decoding to the device: an image is shipped as
+``(H, W, 3)`` bytes (a quarter of the float size) and normalised there by
+:func:`normalize_batch`; a label in the smallest integer type that holds the
+classes and the ignore value (``uint8`` for every usual data set).
 """
 from __future__ import annotations
 
@@ -44,9 +51,12 @@ class BaseDataSet(Dataset):
             (mapped to ``ignore_index``). Values not in the map are an error.
             Default: identity on ``0 .. num_classes-1``, and ``ignore_index`` is void.
 
-    Each item is ``(image, label)``: a float tensor ``(3, H, W)`` normalised
-    with ``mean``/``std`` and an int64 tensor ``(H, W)`` of class indices with
-    ``ignore_index`` for void.
+    Each item is ``(image, label)``: a ``uint8`` tensor ``(H, W, 3)`` of RGB
+    values and a tensor ``(H, W)`` of class indices with ``ignore_index`` for
+    void, in the smallest integer type that holds both (``uint8`` unless the
+    ignore value is negative or above 255).
+    ``dataset[i]`` uses the current epoch (:meth:`set_epoch`);
+    ``dataset[(epoch, i)]`` names it.
     """
 
     class_names: ClassVar[tuple[str, ...]] = ()
@@ -121,39 +131,48 @@ class BaseDataSet(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
         image = self.load_image(index)
         label = self.map_label(self.load_label(index), self.label_source(index))
         if image.shape[:2] != label.shape[:2]:
             raise DataError(f"{self.sample_name(index)}: image is {image.shape[1]}x{image.shape[0]} "
                             f"but its label {self.label_source(index)} is {label.shape[1]}x{label.shape[0]} "
                             "(width x height)")
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         for transform in self.transforms:
             image, label = transform(image, label, rng)
-        return self.to_tensor(image), torch.from_numpy(np.ascontiguousarray(label))
-
-    @classmethod
-    def to_tensor(cls, image: np.ndarray) -> torch.Tensor:
-        """Normalise an RGB ``uint8`` image to a float tensor ``(3, H, W)``."""
-        return normalize(image, cls.mean, cls.std)
-
-    @classmethod
-    def denormalize(cls, tensor: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`to_tensor` for a batch ``(N, 3, H, W)``, clamped to 0-1."""
-        mean = torch.tensor(cls.mean, device=tensor.device).view(1, 3, 1, 1)
-        std = torch.tensor(cls.std, device=tensor.device).view(1, 3, 1, 1)
-        return (tensor * std + mean).clamp_(0, 1)
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(label))
 
 
-def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """RGB ``uint8`` ``(H, W, 3)`` -> float tensor ``(3, H, W)``: ``(x / 255 - mean) / std``."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-    return tensor.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
+def _smallest_int_dtype(low: int, high: int) -> np.dtype:
+    """The smallest of uint8, int16, int32, int64 that holds ``low .. high``."""
+    for dtype in (np.uint8, np.int16, np.int32):
+        if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
+def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                    channels_last: bool = False) -> torch.Tensor:
+    """The model input: ``uint8`` images ``(N, H, W, C)`` -> float ``(N, C, H, W)``, ``(x/255 - mean) / std``.
+
+    Runs wherever ``images`` are (the trainer moves the bytes to the device
+    first, so the float conversion happens there). ``channels_last`` keeps
+    the ``(N, H, W, C)`` memory layout, which some convolutions run faster on.
+    """
+    scale = torch.tensor(std, device=images.device, dtype=torch.float32).mul_(255.0).view(1, -1, 1, 1)
+    shift = torch.tensor(mean, device=images.device, dtype=torch.float32).mul_(255.0).view(1, -1, 1, 1)
+    batch = images.permute(0, 3, 1, 2).float().sub_(shift).div_(scale)
+    return batch.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def apply_label_lut(raw: np.ndarray, lut: np.ndarray, source: str, num_classes: int) -> np.ndarray:
     """Map raw label values through ``lut`` (see :meth:`BaseDataSet.label_lut`).
+
+    Returns:
+        The class-index map in the smallest integer type that holds the
+        table's values (``uint8`` for the usual classes and ignore value).
 
     Raises:
         DataError: naming ``source`` and the first value that is neither a class nor void.
@@ -164,19 +183,26 @@ def apply_label_lut(raw: np.ndarray, lut: np.ndarray, source: str, num_classes: 
             bad = low if low < 0 else high
             raise DataError(f"{source}: label value {bad} is neither a class (0-{num_classes - 1}) nor void")
         raw = raw.astype(np.uint8)
-    mapped = lut[raw]
-    invalid = mapped == _INVALID
-    if invalid.any():
-        raise DataError(f"{source}: label value {int(raw[invalid][0])} is neither a class "
+    # Check the values present (a 256-bin count), then map in the compact type: no int64 copy.
+    present = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
+    unknown = present[lut[present] == _INVALID]
+    if unknown.size:
+        raise DataError(f"{source}: label value {int(unknown[0])} is neither a class "
                         f"(0-{num_classes - 1}) nor void")
-    return mapped
+    known = lut[lut != _INVALID]
+    return lut.astype(_smallest_int_dtype(int(known.min()), int(known.max())))[raw]
 
 
 def read_image(path) -> np.ndarray:
-    """Read an image file as RGB ``uint8``; a missing or corrupt file names the file."""
+    """Read an image file as RGB ``uint8``; a missing or corrupt file names the file.
+
+    The EXIF orientation of a JPEG is ignored, as it is for label files: both
+    keep the pixel grid they were stored with, so a photo marked "rotated"
+    stays aligned with its label (``python -m utils.doctor`` reports such files).
+    """
     data = _read_bytes(path)
     # imdecode returns None for undecodable bytes but raises on an empty buffer.
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
     if image is None:
         raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

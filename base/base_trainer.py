@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -25,15 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from base.base_dataloader import STOP_SIGNALS
 from utils import distributed
 from utils.checkpoint import load_checkpoint, load_model_weights, rng_state, save_atomic, set_rng_state
 from utils.errors import CheckpointError, ConfigError, TrainingError
 from utils.files import write_json
 from utils.logger import MetricsCSV, plot_learning_curves, run_logger
-
-# Signals that ask training to stop after the current iteration and save: Ctrl-C and
-# the polite kill of cluster schedulers.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # torchrun forwards the terminal's Ctrl-C to its workers, which then see it twice in
 # quick succession; only a press after this many seconds means "quit without saving".
 FORCE_QUIT_AFTER = 2.0
@@ -45,7 +41,7 @@ def seed_epoch(seed: int, epoch: int) -> None:
 
 
 class TrainingInterrupted(Exception):
-    """Raised after Ctrl-C once the checkpoint is safely written."""
+    """Raised after Ctrl-C (or SIGTERM) once the checkpoint is safely written."""
 
     def __init__(self, checkpoint: Path, epoch: int, iteration: int) -> None:
         super().__init__(f"interrupted at epoch {epoch}, iteration {iteration}; "
@@ -100,8 +96,11 @@ class BaseTrainer:
         # Where to start: changed by resume().
         self.start_epoch = 1
         self.start_iter = 0
-        self.partial: dict[str, float] = {}  # running sums of an unfinished epoch
+        # Running sums of an unfinished epoch (this process's share; see _interrupt).
+        self.partial: dict[str, float] = {}
         self.iteration = 0  # iterations done in the current epoch
+        self.epoch_iters = 0  # iterations of the current epoch
+        self.finished: str | None = None  # "last epoch" or "early stop" once the run is over
         self._stop_requested = False
         self._stop_time = 0.0
 
@@ -122,8 +121,11 @@ class BaseTrainer:
         """Validate; return ``val_loss`` and the metrics (``mIoU``...)."""
         raise NotImplementedError
 
+    def _log_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        """Send a completed epoch's values to the logging sinks (never a partial epoch's)."""
+
     def close(self) -> None:
-        """Release logging resources (called when training ends, however it ends)."""
+        """Release logging resources and worker processes (called when training ends, however it ends)."""
 
     # --- the loop ----------------------------------------------------------------
     def train(self) -> dict:
@@ -158,15 +160,18 @@ class BaseTrainer:
             improved = self._update_monitor(row)
         row["time"] = round(time.perf_counter() - started, 2)
         self.history.append(row)
+        self._log_epoch(epoch, row)
         # One row per validation (per epoch when the run does not validate).
         self.csv.write_all([r for r in self.history if "mIoU" in r] if self.val_loader else self.history)
         self.logger.info(self._format_row(row))
 
         stop = self.settings["early_stop"] > 0 and self.not_improved >= self.settings["early_stop"]
+        if stop or epoch == self.epochs:
+            self.finished = "early stop" if stop else "last epoch"
         if improved:
-            self._save("best_model.pth", epoch, self.iteration, epoch_done=True)
+            self._save_best(epoch, row)
             self.logger.info(f"  saved best_model.pth ({self.monitor_metric} = {self.best:.4f})")
-        if epoch % self.settings["save_period"] == 0 or epoch == self.epochs or stop:
+        if epoch % self.settings["save_period"] == 0 or self.finished:
             self._save("checkpoint.pth", epoch, self.iteration, epoch_done=True)
         if stop:
             self.logger.info(f"Early stop: {self.monitor_metric} did not improve for "
@@ -210,24 +215,23 @@ class BaseTrainer:
     # --- stopping ------------------------------------------------------------------
     @contextlib.contextmanager
     def _catch_stop_signals(self):
-        """Ctrl-C or SIGTERM ask the loop to stop after the current iteration and save.
+        """Ctrl-C or SIGTERM ask the loop to stop at its next check and save.
 
-        A second Ctrl-C (more than ``FORCE_QUIT_AFTER`` seconds later) quits at
-        once. DataLoader workers forked meanwhile inherit the handler and ignore
-        the signal: the main process shuts them down.
+        The training loop looks at the request every ``trainer.log_per_iter``
+        iterations (and at the end of the epoch), where all processes agree to
+        stop together. A second Ctrl-C (more than ``FORCE_QUIT_AFTER`` seconds
+        later) quits at once. Data-loading workers block these signals (see
+        :mod:`base.base_dataloader`): the main process shuts them down.
         """
-        main_pid = os.getpid()
-
         def handler(signum, frame):
-            if os.getpid() != main_pid:
-                return
             if self._stop_requested:
                 if signum == signal.SIGINT and time.monotonic() - self._stop_time > FORCE_QUIT_AFTER:
                     raise KeyboardInterrupt
                 return
             self._stop_requested, self._stop_time = True, time.monotonic()
-            self.logger.warning(f"\n{signal.Signals(signum).name}: finishing this iteration and saving a "
-                                "checkpoint (Ctrl-C again to quit without saving)")
+            self.logger.warning(f"\n{signal.Signals(signum).name}: stopping at the next check (at most "
+                                f"{self.settings['log_per_iter']} iterations) and saving a checkpoint "
+                                "(Ctrl-C again to quit without saving)")
 
         previous = {}
         try:
@@ -254,11 +258,30 @@ class BaseTrainer:
         return next(self.unwrapped_model.parameters()).device
 
     def _interrupt(self, epoch: int) -> None:
+        # Every process holds its own share of the epoch's running sums: save their total
+        # (a collective; all processes stop together), which rank 0 alone takes back on resume.
+        sums = {k: v for k, v in self.partial.items() if k != "lr"}
+        if sums and distributed.is_distributed():
+            totals = distributed.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64,
+                                                             device=self._device()))
+            self.partial.update(zip(sums, totals.tolist()))
         path = self._save("checkpoint.pth", epoch, self.iteration, epoch_done=False)
         raise TrainingInterrupted(path, epoch, self.iteration)
 
     # --- checkpoints ------------------------------------------------------------------
+    def _position(self) -> dict[str, Any]:
+        """The settings that fix an epoch's batches: a mid-epoch resume needs them unchanged."""
+        loader = self.train_loader
+        return {"train_loader.args.batch_size": loader.batch_size,
+                "number of processes (torchrun --nproc_per_node x nodes)": distributed.get_world_size(),
+                "train_loader.args.drop_last": loader.drop_last,
+                "train_loader.args.subset": self.config["train_loader"]["args"].get("subset"),
+                "train_loader.args.shuffle": loader.sampler.shuffle,
+                "seed": self.seed,
+                "number of training samples": len(loader.dataset)}
+
     def _save(self, filename: str, epoch: int, iteration: int, epoch_done: bool) -> Path:
+        """The full training state, everything an exact resume needs."""
         path = self.run_dir / filename
         if not distributed.is_main_process():
             return path
@@ -268,8 +291,10 @@ class BaseTrainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "epoch": epoch, "iteration": iteration, "epoch_done": epoch_done,
-            "batch_size": self.train_loader.batch_size, "partial": dict(self.partial),
+            "epoch": epoch, "iteration": iteration, "epoch_iters": self.epoch_iters,
+            "epoch_done": epoch_done, "finished": self.finished,
+            "batch_size": self.train_loader.batch_size, "position": self._position(),
+            "partial": dict(self.partial),
             "monitor": self.settings["monitor"], "best": self.best, "best_epoch": self.best_epoch,
             "not_improved": self.not_improved, "history": self.history,
             "rng": rng_state(), "config": self.config,
@@ -277,15 +302,32 @@ class BaseTrainer:
         save_atomic(state, path)
         return path
 
+    def _save_best(self, epoch: int, row: dict[str, Any]) -> None:
+        """``best_model.pth``: what inference and fine-tuning need (weights, classes, config), no training state."""
+        if distributed.is_main_process():
+            save_atomic({"arch": self.meta["arch"], "num_classes": self.meta["num_classes"], "meta": self.meta,
+                         "model": self.unwrapped_model.state_dict(), "config": self.config,
+                         "epoch": epoch, "monitor": self.settings["monitor"], "metrics": row},
+                        self.run_dir / "best_model.pth")
+
+    def _check_position(self, path: str | Path, state: dict) -> None:
+        """Refuse a mid-epoch resume whose batches would differ (samples skipped or repeated)."""
+        saved = state.get("position") or {"train_loader.args.batch_size": state["batch_size"]}
+        for setting, now in self._position().items():
+            if setting in saved and saved[setting] != now:
+                raise ConfigError(f"{path}: the run stopped in the middle of epoch {state['epoch']} with "
+                                  f"{setting} {saved[setting]!r}, now {now!r}; resume it with the same value "
+                                  "(another would skip or repeat samples of that epoch)")
+
     def resume(self, path: str | Path, state: dict | None = None) -> None:
         """Continue from a checkpoint written by :meth:`_save` (``state``: already loaded from ``path``)."""
         state = state if state is not None else load_checkpoint(path)
         load_model_weights(self.unwrapped_model, state, path, self.meta["arch"], self.meta["num_classes"])
         try:
             epoch, iteration, done = state["epoch"], state["iteration"], state["epoch_done"]
-            if not done and iteration and state["batch_size"] != self.train_loader.batch_size:
-                raise ConfigError(f"{path}: the run stopped in the middle of epoch {epoch} with batch_size "
-                                  f"{state['batch_size']}; resume it with the same batch size")
+            trained = not done and iteration >= state.get("epoch_iters", math.inf)  # only validation was left
+            if not done and iteration and not trained:
+                self._check_position(path, state)
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             if self.scaler.is_enabled() and state["scaler"]:  # empty when saved without float16 AMP
@@ -293,14 +335,22 @@ class BaseTrainer:
             set_rng_state(state["rng"])
             self.best, self.best_epoch = state["best"], state["best_epoch"]
             self.not_improved, self.history = state["not_improved"], list(state["history"])
-            self.partial = dict(state["partial"])
+            # The saved sums are the total over all processes: one process takes them back.
+            partial = dict(state["partial"])
+            if not distributed.is_main_process():
+                partial = {k: (v if k == "lr" else 0.0) for k, v in partial.items()}
+            self.partial = partial
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: checkpoint lacks training state ({exc}); "
                                   "it can be used for inference but not to resume") from exc
+        if state.get("finished") == "early stop":  # resumed with more epochs: patience starts again
+            self.not_improved = 0
         if state.get("monitor") != self.settings["monitor"]:
             self.logger.warning(f"monitor changed from {state.get('monitor')!r}; best value reset")
             self.best = -math.inf if self.monitor_mode == "max" else math.inf
             self.best_epoch, self.not_improved = 0, 0
         self.start_epoch, self.start_iter = (epoch + 1, 0) if done else (epoch, iteration)
+        if trained:  # skip the whole training part of the epoch, whatever its length is now
+            self.start_iter = len(self.train_loader)
         self.iteration = self.start_iter
         self.logger.info(f"Resumed from {path}: epoch {self.start_epoch}, iteration {self.start_iter}")

@@ -1,13 +1,16 @@
 """Joint (image, label) augmentations, implemented with OpenCV on NumPy arrays.
 
 Every transform is called as ``transform(image, label, rng)`` with an RGB
-``uint8`` image ``(H, W, 3)``, an int64 label ``(H, W)`` of class indices and a
+``uint8`` image ``(H, W, 3)``, an integer label ``(H, W)`` of class indices
+(``uint8`` for the usual data sets; transforms keep its type) and a
 ``numpy.random.Generator``; it returns the new pair. Labels are always resampled
 with nearest neighbour, and any area a transform invents (crop padding, rotation
 corners) is filled with ``ignore_index`` in the label, never with a real class.
 Config: ``"transforms": [{"type": "RandomScale", "args": {"min_scale": 0.5}}, ...]``
 in a loader's ``args``; transforms that fill the label declare ``ignore_index``,
-which the framework injects.
+which the framework injects. A transform that sets the output size says whether
+that size is fixed (``fixed_size``): on CUDA, fixed-size training batches let
+cuDNN pick its fastest kernels once (``torch.backends.cudnn.benchmark``).
 """
 from __future__ import annotations
 
@@ -17,11 +20,17 @@ import numpy as np
 from utils.registry import TRANSFORMS
 
 
+def _label_op(label: np.ndarray, op) -> np.ndarray:
+    """Apply an OpenCV operation to a label, keeping its integer type (OpenCV has no int64)."""
+    if label.dtype == np.int64:
+        return op(label.astype(np.int32)).astype(np.int64)
+    return op(label)
+
+
 def _resize_pair(image: np.ndarray, label: np.ndarray, height: int, width: int):
     image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
-    # cv2 cannot resize int64; class indices fit in int32.
-    label = cv2.resize(label.astype(np.int32), (width, height), interpolation=cv2.INTER_NEAREST)
-    return image, label.astype(np.int64)
+    label = _label_op(label, lambda lab: cv2.resize(lab, (width, height), interpolation=cv2.INTER_NEAREST))
+    return image, label
 
 
 def _pair(value: int | list[int], name: str) -> tuple[int, int]:
@@ -43,6 +52,7 @@ class Resize:
         self.size = size if isinstance(size, int) else _pair(size, "size")
         if isinstance(size, int) and size <= 0:
             raise ValueError(f"size must be positive, got {size}")
+        self.fixed_size = not isinstance(size, int)
 
     def __call__(self, image, label, rng):
         h, w = image.shape[:2]
@@ -60,6 +70,8 @@ class RandomScale:
         min_scale: smallest scale factor.
         max_scale: largest scale factor.
     """
+
+    fixed_size = False
 
     def __init__(self, min_scale: float = 0.5, max_scale: float = 2.0) -> None:
         if not 0 < min_scale <= max_scale:
@@ -83,6 +95,8 @@ class RandomCrop:
         size: ``[height, width]`` of the crop, or one int for a square.
         pad_value: image value of the padding (0-255, all channels).
     """
+
+    fixed_size = True
 
     def __init__(self, size: int | list[int], pad_value: int = 0, ignore_index: int = 255) -> None:
         self.height, self.width = _pair(size, "size")
@@ -145,9 +159,10 @@ class RandomRotate:
         matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
         image = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
                                borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-        label = cv2.warpAffine(label.astype(np.int32), matrix, (w, h), flags=cv2.INTER_NEAREST,
-                               borderMode=cv2.BORDER_CONSTANT, borderValue=self.ignore_index)
-        return image, label.astype(np.int64)
+        label = _label_op(label, lambda lab: cv2.warpAffine(
+            lab, matrix, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+            borderValue=self.ignore_index))
+        return image, label
 
 
 @TRANSFORMS.register

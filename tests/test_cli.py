@@ -299,7 +299,7 @@ def test_ctrl_c_on_the_command_line_saves_and_exits_130(tmp_path, tiny_config):
         process.kill()
     assert process.returncode == 130
     assert f"checkpoint saved to {run_dir / 'checkpoint.pth'}" in err
-    assert f"Resume with: python train.py --resume {run_dir / 'checkpoint.pth'}" in err
+    assert f"Resume with: python {ROOT / 'train.py'} --resume {run_dir / 'checkpoint.pth'}" in err
     state = torch.load(run_dir / "checkpoint.pth", weights_only=True)
     assert state["epoch"] >= 1 and len(state["history"]) >= 1
     # The printed command resumes it; finish just the interrupted epoch.

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from base.base_dataloader import BaseDataLoader, EpochSampler
-from base.base_dataset import BaseDataSet, read_image, read_label
+from base.base_dataset import BaseDataSet, normalize_batch, read_image, read_label
 from dataloader.camvid import CamVid
 from dataloader.synthetic import SyntheticShapes, make_sample
 from dataloader.transforms import (ColorJitter, GaussianBlur, RandomCrop, RandomHorizontalFlip,
@@ -249,8 +249,8 @@ def tiny(label, image=None, **kwargs) -> TinyDataSet:
 
 def test_label_map_maps_classes_and_void():
     _, label = tiny([[0, 1, 7]])[0]
-    assert torch.equal(label, torch.tensor([[0, 1, IGNORE]]))
-    assert label.dtype == torch.int64
+    assert torch.equal(label, torch.tensor([[0, 1, IGNORE]], dtype=torch.uint8))
+    assert label.dtype == torch.uint8  # classes and void fit a byte: a quarter of int32's bytes to ship
 
 
 def test_label_map_with_another_ignore_index():
@@ -299,24 +299,43 @@ def test_image_label_size_mismatch_names_both_sizes():
     assert "image is 3x2" in message and "is 5x4" in message
 
 
-def test_getitem_returns_normalised_float_image_and_int64_label():
+def test_getitem_returns_uint8_image_and_compact_label():
     image = np.zeros((2, 3, 3), np.uint8)
     image[1, 2] = (255, 0, 51)
     dataset = tiny([[0, 1, 7], [1, 1, 0]], image=image)
     tensor, label = dataset[0]
+    assert tensor.dtype == torch.uint8 and tensor.shape == (2, 3, 3)
+    assert tensor[1, 2].tolist() == [255, 0, 51]
+    assert label.dtype == torch.uint8 and label.tolist() == [[0, 1, IGNORE], [1, 1, 0]]
 
-    assert tensor.dtype == torch.float32 and tensor.shape == (3, 2, 3)
-    assert label.dtype == torch.int64 and label.shape == (2, 3)
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_normalize_batch_values_and_layout(channels_last):
+    images = torch.zeros((1, 2, 3, 3), dtype=torch.uint8)
+    images[0, 1, 2] = torch.tensor([255, 0, 51])
+    batch = normalize_batch(images, (0.5, 0.4, 0.2), (0.25, 0.5, 0.1), channels_last=channels_last)
+    assert batch.dtype == torch.float32 and batch.shape == (1, 3, 2, 3)
     # (value / 255 - mean) / std per channel
     expected = [(1.0 - 0.5) / 0.25, (0.0 - 0.4) / 0.5, (0.2 - 0.2) / 0.1]
-    assert tensor[:, 1, 2].tolist() == pytest.approx(expected, abs=1e-6)
-    assert tensor[:, 0, 0].tolist() == pytest.approx([-2.0, -0.8, -2.0], abs=1e-6)
+    assert batch[0, :, 1, 2].tolist() == pytest.approx(expected, abs=1e-6)
+    assert batch[0, :, 0, 0].tolist() == pytest.approx([-2.0, -0.8, -2.0], abs=1e-6)
+    assert batch.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert images[0, 1, 2].tolist() == [255, 0, 51]  # the input is left alone
 
 
-def test_denormalize_inverts_to_tensor():
-    image = rng(0).integers(0, 256, size=(4, 5, 3), dtype=np.uint8)
-    restored = TinyDataSet.denormalize(TinyDataSet.to_tensor(image)[None])[0]
-    assert torch.allclose(restored, torch.from_numpy(image).permute(2, 0, 1).float() / 255, atol=1e-6)
+@pytest.mark.parametrize("ignore_index, dtype", [(255, torch.uint8), (-1, torch.int16), (300, torch.int16)])
+def test_label_dtype_holds_classes_and_ignore(ignore_index, dtype):
+    _, label = tiny([[0, 1, 7]], ignore_index=ignore_index)[0]
+    assert label.dtype == dtype and label.tolist() == [[0, 1, ignore_index]]
+
+
+def test_item_with_epoch_uses_that_epochs_augmentation():
+    dataset = augmented_shapes()
+    dataset.set_epoch(3)
+    image, label = dataset[2]
+    dataset.set_epoch(0)
+    assert torch.equal(dataset[(3, 2)][0], image) and torch.equal(dataset[(3, 2)][1], label)
+    assert not torch.equal(dataset[(4, 2)][0], image)
 
 
 def test_transforms_see_the_mapped_label():
@@ -488,7 +507,7 @@ def test_camvid_image_without_label_is_an_error(camvid_tree):
 
 def test_camvid_item_maps_void_to_ignore(camvid_tree):
     image, label = CamVid(str(camvid_tree), "train")[1]  # b.png
-    assert image.shape == (3, 2, 3) and image.dtype == torch.float32
+    assert image.shape == (2, 3, 3) and image.dtype == torch.uint8
     assert label.tolist() == [[0, IGNORE, 10], [3, 3, IGNORE]]
 
 
@@ -518,8 +537,8 @@ def test_real_camvid_split_sizes(real_camvid_dir):
 def test_real_camvid_first_sample(real_camvid_dir):
     dataset = CamVid(str(real_camvid_dir), "train")
     image, label = dataset[0]
-    assert image.shape == (3, 360, 480) and image.dtype == torch.float32
-    assert label.shape == (360, 480) and label.dtype == torch.int64
+    assert image.shape == (360, 480, 3) and image.dtype == torch.uint8
+    assert label.shape == (360, 480) and label.dtype == torch.uint8
 
     values = set(label.unique().tolist())
     assert values <= set(range(11)) | {IGNORE}
@@ -567,7 +586,7 @@ def test_synthetic_labels_cover_every_class_and_nothing_else(shapes_64):
     seen = set()
     for index in range(64):
         label = shapes_64[index][1]
-        assert label.dtype == torch.int64
+        assert label.dtype == torch.uint8
         seen |= set(label.unique().tolist())
     assert seen == {0, 1, 2, 3, 4}
     assert SyntheticShapes.num_classes() == 5
@@ -589,7 +608,9 @@ def fake_ranks(monkeypatch, rank: int, world_size: int) -> None:
 
 def order(sampler: EpochSampler, epoch: int, skip: int = 0) -> list[int]:
     sampler.set_epoch(epoch, skip=skip)
-    return list(sampler)
+    pairs = list(sampler)
+    assert {e for e, _ in pairs} <= {epoch}  # every index carries the epoch to the workers
+    return [index for _, index in pairs]
 
 
 def test_sampler_without_shuffle_is_in_order():
@@ -693,16 +714,23 @@ def test_loader_batches_do_not_depend_on_workers(shapes_12):
     with_workers = BaseDataLoader(augmented_shapes(), batch_size=4, shuffle=True, num_workers=2, seed=3)
     batches = epoch_batches(in_process, 3)
     assert len(batches) == 3
-    assert batches[0][0].shape == (4, 3, 24, 24) and batches[0][1].shape == (4, 24, 24)
+    assert batches[0][0].shape == (4, 24, 24, 3) and batches[0][1].shape == (4, 24, 24)
     assert_same_batches(epoch_batches(with_workers, 3), batches)
     # The augmentation really is random per epoch, so the comparison above is not vacuous.
     assert not torch.equal(epoch_batches(in_process, 4)[0][0], batches[0][0])
 
 
-def test_loader_set_epoch_reaches_the_dataset(shapes_12):
-    loader = BaseDataLoader(shapes_12, batch_size=4, seed=3)
-    loader.set_epoch(5)
-    assert shapes_12.epoch == 5
+def test_persistent_workers_follow_the_epoch(shapes_12):
+    """Workers live for the whole run and take the epoch from each request, not from their copy of the data set."""
+    loader = BaseDataLoader(augmented_shapes(), batch_size=4, shuffle=True, num_workers=2, seed=3)
+    reference = BaseDataLoader(shapes_12, batch_size=4, shuffle=True, num_workers=0, seed=3)
+    first = epoch_batches(loader, 1)
+    workers = loader._iterator._workers
+    assert_same_batches(epoch_batches(loader, 2), epoch_batches(reference, 2))
+    assert loader._iterator._workers == workers  # the same processes served epoch 2
+    assert_same_batches(first, epoch_batches(reference, 1))
+    loader.shutdown()
+    assert not any(w.is_alive() for w in workers)
 
 
 def test_loader_skip_batches_yields_the_rest_of_the_epoch():
@@ -734,8 +762,8 @@ def test_validate_loader_fills_defaults():
         "num_samples": 8, "batch_size": 4, "transforms": [{"type": "RandomHorizontalFlip"}]}}, "train_loader")
     assert resolved == {"type": "SyntheticShapes", "args": {
         "split": "train", "num_samples": 8, "image_size": 64, "data_seed": 0,
-        "batch_size": 4, "shuffle": False, "num_workers": 0, "drop_last": True, "pin_memory": False,
-        "subset": None, "transforms": [{"type": "RandomHorizontalFlip", "args": {"p": 0.5}}]}}
+        "batch_size": 4, "shuffle": False, "num_workers": 0, "drop_last": True, "pin_memory": None,
+        "start_method": None, "subset": None, "transforms": [{"type": "RandomHorizontalFlip", "args": {"p": 0.5}}]}}
     # drop_last defaults to true for training (a one-image batch breaks batch norm), false for validation.
     assert validate_loader({"type": "SyntheticShapes"}, "val_loader")["args"]["drop_last"] is False
 
@@ -804,7 +832,7 @@ def test_build_loader_end_to_end():
 
     loader.set_epoch(1)
     images, labels = next(iter(loader))
-    assert images.shape == (4, 3, 40, 40) and labels.shape == (4, 40, 40)
+    assert images.shape == (4, 40, 40, 3) and labels.shape == (4, 40, 40)
     # A 40 crop of a 32 image pads 8 rows and 8 columns with the injected ignore index.
     assert ((labels == 250).sum(dim=(1, 2)) == 40 * 40 - 32 * 32).all()
 

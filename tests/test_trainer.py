@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import signal
 from pathlib import Path
 
@@ -112,9 +113,15 @@ def test_checkpoint_contents(tiny_config, tmp_path):
     assert state["lr_scheduler"]["last_epoch"] == 8  # stepped per iteration
     assert state["meta"]["class_names"] == ["background", "disk", "square", "triangle", "ring"]
     assert not any(k.startswith("module.") for k in state["model"])
+    assert state["finished"] == "last epoch"
     best = load_checkpoint(tmp_path / "run" / "best_model.pth")
-    assert best["epoch"] == best["best_epoch"] == state["best_epoch"]
-    assert best["best"] == max(row["mIoU"] for row in state["history"])
+    # What inference and fine-tuning need, and no training state (half the size of checkpoint.pth).
+    assert set(best) == {"arch", "num_classes", "meta", "model", "config", "epoch", "monitor", "metrics"}
+    assert best["epoch"] == state["best_epoch"]
+    assert best["metrics"]["mIoU"] == max(row["mIoU"] for row in state["history"]) == state["best"]
+    assert best["metrics"] == next(row for row in state["history"] if row["epoch"] == best["epoch"])
+    for key, value in best["model"].items():
+        assert value.shape == state["model"][key].shape
 
 
 def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
@@ -234,16 +241,49 @@ def test_resume_with_float16_scaler_from_a_run_without_it(tiny_config, tmp_path)
     assert trainer.start_epoch == 3 and trainer.scaler.get_scale() == 65536.0  # fresh scaler state
 
 
-def test_mid_epoch_resume_needs_the_same_batch_size(tiny_config, tmp_path):
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["train_loader"]["args"].update(batch_size=4), "train_loader.args.batch_size 6, now 4"),
+    (lambda c: c["train_loader"]["args"].update(drop_last=False), "train_loader.args.drop_last True, now False"),
+    (lambda c: c["train_loader"]["args"].update(subset=18), "train_loader.args.subset None, now 18"),
+    (lambda c: c["train_loader"]["args"].update(shuffle=False), "train_loader.args.shuffle True, now False"),
+    (lambda c: c.update(seed=8), "seed 7, now 8"),
+    (lambda c: c["train_loader"]["args"].update(num_samples=30), "number of training samples 24, now 30"),
+], ids=["batch_size", "drop_last", "subset", "shuffle", "seed", "samples"])
+def test_mid_epoch_resume_needs_the_same_batches(tiny_config, tmp_path, change, message):
     trainer = make_trainer(tiny_config, tmp_path / "run")
     trainer.loss = LossHook(trainer.loss, 2, "sigint")
     with pytest.raises(TrainingInterrupted):
         trainer.train()
-    tiny_config["train_loader"]["args"]["batch_size"] = 4
+    change(tiny_config)
     other = make_trainer(tiny_config, tmp_path / "run")
-    with pytest.raises(ConfigError, match="stopped in the middle of epoch 1 with batch_size 6; resume it with "
-                                          "the same batch size"):
+    with pytest.raises(ConfigError, match=rf"stopped in the middle of epoch 1 with {re.escape(message)}; "
+                                          "resume it with the same value"):
         other.resume(tmp_path / "run" / "checkpoint.pth")
+
+
+def test_mid_epoch_resume_needs_the_same_number_of_processes(tiny_config, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_config, tmp_path / "run")
+    trainer.loss = LossHook(trainer.loss, 2, "sigint")
+    with pytest.raises(TrainingInterrupted):
+        trainer.train()
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    state["position"]["number of processes (torchrun --nproc_per_node x nodes)"] = 2  # as if saved by 2
+    with pytest.raises(ConfigError, match=r"number of processes \(torchrun --nproc_per_node x nodes\) 2, now 1"):
+        make_trainer(tiny_config, tmp_path / "run").resume(tmp_path / "run" / "checkpoint.pth", state)
+
+
+def test_resume_at_an_epoch_boundary_accepts_new_settings(tiny_config, tmp_path):
+    trainer = make_trainer(tiny_config, tmp_path / "run")
+    trainer.loss = LossHook(trainer.loss, 4, "sigint")  # the last iteration of epoch 1
+    with pytest.raises(TrainingInterrupted):
+        trainer.train()
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert (state["epoch"], state["iteration"]) == (1, 4)
+    tiny_config["train_loader"]["args"]["batch_size"] = 4
+    tiny_config["trainer"]["epochs"] = 2
+    other = make_trainer(tiny_config, tmp_path / "run")
+    other.resume(tmp_path / "run" / "checkpoint.pth")
+    assert other.train()["epochs_trained"] == 2
 
 
 def test_single_image_batch_in_a_batch_norm_pooling_model_is_explained(tiny_config, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,17 +27,45 @@ def dataset_class(config: dict) -> type[BaseDataSet]:
     return DATASETS.get(config["train_loader"]["type"], "train_loader.type")
 
 
-def dataset_meta(config: dict) -> dict:
-    """What inference needs without data on disk; saved in every checkpoint."""
+def dataset_meta(config: dict, normalization: tuple[Sequence[float], Sequence[float]] | None = None) -> dict:
+    """What inference needs without data on disk; saved in every checkpoint.
+
+    ``normalization``: the input ``(mean, std)`` the model is trained with
+    (see :func:`input_normalization`); default: the data set's own.
+    """
     cls = dataset_class(config)
+    mean, std = normalization if normalization is not None else (cls.mean, cls.std)
     return {"arch": config["arch"]["type"], "dataset": config["train_loader"]["type"],
             "num_classes": cls.num_classes(), "class_names": list(cls.class_names),
-            "palette": [list(c) for c in cls.palette], "mean": list(cls.mean), "std": list(cls.std),
+            "palette": [list(c) for c in cls.palette], "mean": list(mean), "std": list(std),
             "ignore_index": config["ignore_index"]}
 
 
-def build_loader(config: dict, key: str) -> BaseDataLoader:
-    """The data loader of ``config[key]`` (``train_loader`` or ``val_loader``)."""
+def input_normalization(config: dict, model: nn.Module) -> tuple[tuple, tuple, str]:
+    """The input ``(mean, std)`` of a new run and where it comes from.
+
+    A pretrained encoder expects the statistics it was trained with (ImageNet's
+    for torchvision's weights and most of timm's); a network trained from
+    scratch gets the data set's own.
+    """
+    pretrained = model.pretrained_normalization() if hasattr(model, "pretrained_normalization") else None
+    if pretrained is not None:
+        return tuple(pretrained[0]), tuple(pretrained[1]), "the pretrained encoder's"
+    cls = dataset_class(config)
+    return tuple(cls.mean), tuple(cls.std), f"the data set's ({cls.__name__})"
+
+
+def gives_fixed_size(transforms: Sequence) -> bool:
+    """Whether these transforms always output one size (a crop or a resize to [h, w] comes last of those
+    that set the size); the data set's own sizes are not assumed. Transforms say so with ``fixed_size``."""
+    fixed = False
+    for transform in transforms:
+        fixed = getattr(transform, "fixed_size", fixed)
+    return fixed
+
+
+def build_loader(config: dict, key: str, device: torch.device | None = None) -> BaseDataLoader:
+    """The data loader of ``config[key]`` (``train_loader`` or ``val_loader``) feeding ``device``."""
     spec = config[key]
     args = dict(spec["args"])
     loader_args = {name: args.pop(name) for name in LOADER_KEYS}
@@ -45,6 +74,8 @@ def build_loader(config: dict, key: str) -> BaseDataLoader:
                   for i, t in enumerate(loader_args.pop("transforms"))]
     dataset = DATASETS.build({"type": spec["type"], "args": args}, key, ignore_index=ignore_index,
                              seed=config["seed"], transforms=transforms)
+    if loader_args["pin_memory"] is None:
+        loader_args["pin_memory"] = device is not None and device.type == "cuda"
     subset = loader_args.pop("subset")
     if subset is not None:
         dataset.restrict(subset)
@@ -64,9 +95,14 @@ def build_model(config: dict, pretrained: bool = True) -> nn.Module:
     return MODELS.build(spec, "arch", num_classes=dataset_class(config).num_classes())
 
 
-def build_loss(config: dict, train_dataset: BaseDataSet) -> nn.Module:
-    """The loss; it receives whichever of the framework's facts its constructor declares."""
-    return LOSSES.build(config["loss"], "loss", ignore_index=config["ignore_index"],
+def build_loss(config: dict, train_dataset: BaseDataSet, key: str = "loss") -> nn.Module | None:
+    """The loss of ``config[key]`` (``loss`` or ``aux_loss``; None when that is null).
+
+    It receives whichever of the framework's facts its constructor declares.
+    """
+    if config[key] is None:
+        return None
+    return LOSSES.build(config[key], key, ignore_index=config["ignore_index"],
                         num_classes=train_dataset.num_classes(), train_dataset=train_dataset,
                         cache_dir=str(Path(config["cache_dir"])))
 

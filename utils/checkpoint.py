@@ -41,14 +41,19 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def load_model_weights(model: nn.Module, state: dict, path: str | Path, arch: str, num_classes: int) -> None:
-    """Load ``state["model"]`` into ``model``; a checkpoint of another model says so plainly."""
+def check_compatible(state: dict, path: str | Path, arch: str, num_classes: int) -> None:
+    """A checkpoint of another architecture or number of classes is refused, saying which."""
     saved_arch, saved_classes = state.get("arch"), state.get("num_classes")
     if saved_arch is not None and saved_arch != arch:
         raise CheckpointError(f"{path}: checkpoint is a '{saved_arch}' model, but the config builds '{arch}'")
     if saved_classes is not None and saved_classes != num_classes:
         raise CheckpointError(f"{path}: checkpoint predicts {saved_classes} classes, but the data set "
                               f"has {num_classes}")
+
+
+def load_model_weights(model: nn.Module, state: dict, path: str | Path, arch: str, num_classes: int) -> None:
+    """Load ``state["model"]`` into ``model``; a checkpoint of another model says so plainly."""
+    check_compatible(state, path, arch, num_classes)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

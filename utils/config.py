@@ -14,7 +14,7 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from utils.errors import ConfigError
 from utils.registry import (DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, TRANSFORMS,
@@ -64,7 +64,11 @@ LOADER_KEYS = {
     "num_workers": Key(int, 0, "Data loading worker processes."),
     "drop_last": Key(bool | None, None, "Drop the last incomplete batch; null means true for training "
                                         "(a one-image batch breaks batch norm) and false for validation."),
-    "pin_memory": Key(bool, False, "Pin host memory (faster copies to CUDA)."),
+    "pin_memory": Key(bool | None, None, "Pin host memory for faster copies to the GPU; null means true "
+                                         "when training on CUDA."),
+    "start_method": Key(Literal["fork", "spawn", "forkserver"] | None, None,
+                        "How worker processes start; null is Python's default for the platform "
+                        "(fork on Linux before Python 3.14, spawn on macOS)."),
     "subset": Key(int | None, None, "Use only the first N samples (quick experiments)."),
     "transforms": Key(list, [], "Joint augmentations, a list of {type, args}; normalisation is always applied last."),
 }
@@ -225,7 +229,8 @@ def validate_config(config: dict) -> dict:
         except ConfigError as exc:
             errors.append(str(exc))
 
-    component_keys = ("arch", "train_loader", "val_loader", "optimizer", "loss", "lr_scheduler", "trainer")
+    component_keys = ("arch", "train_loader", "val_loader", "optimizer", "loss", "aux_loss", "lr_scheduler",
+                      "trainer")
     try:
         plain = {k: v for k, v in config.items() if k not in component_keys}
         resolved.update(_check_keys(plain, TOP_LEVEL, "", allowed_extra=component_keys))
@@ -244,6 +249,10 @@ def validate_config(config: dict) -> dict:
         resolved["val_loader"] = None
     attempt("optimizer", lambda: _validate_optimizer(config.get("optimizer", {"type": "SGD"})))
     attempt("loss", lambda: LOSSES.validate(config.get("loss", "CrossEntropyLoss"), "loss", LOSS_INJECTED))
+    if config.get("aux_loss") is not None:
+        attempt("aux_loss", lambda: LOSSES.validate(config["aux_loss"], "aux_loss", LOSS_INJECTED))
+    else:
+        resolved["aux_loss"] = None
     attempt("lr_scheduler", lambda: SCHEDULERS.validate(config.get("lr_scheduler", "Poly"), "lr_scheduler",
                                                                SCHEDULER_INJECTED))
     attempt("trainer", lambda: _validate_trainer(config.get("trainer", {})))

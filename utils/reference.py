@@ -89,6 +89,8 @@ def reference_markdown() -> str:
         ("val_loader", "`{type, args}` or null", "`null`", "Validation data (same data set type)."),
         ("optimizer", "object", '`{"type": "SGD"}`', "See *optimizer* below."),
         ("loss", "name or `{type, args}`", '`"CrossEntropyLoss"`', "See *Losses* below."),
+        ("aux_loss", "name or `{type, args}` or null", "`null`", "Loss of the auxiliary head (models with "
+                                                                 "`aux_head`); null: the same as `loss`."),
         ("lr_scheduler", "name or `{type, args}`", '`"Poly"`', "See *Schedules* below."),
         ("trainer", "object", "`{}`", "See *trainer* below."),
     ])

@@ -46,12 +46,11 @@ def prediction_grid(images: torch.Tensor, targets: torch.Tensor, preds: torch.Te
     """Rows of (image | ground truth | prediction) as one ``(3, H', W')`` uint8 array for TensorBoard.
 
     Args:
-        images: de-normalised images ``(N, 3, H, W)`` in 0-1.
+        images: RGB ``uint8`` images ``(N, H, W, 3)``, as the data sets give them.
         targets, preds: class indices ``(N, H, W)``.
     """
     rows = []
     for image, target, pred in zip(images, targets, preds):
-        rgb = (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-        rows.append(np.concatenate([rgb, colorize(target.cpu().numpy(), palette, ignore_index),
+        rows.append(np.concatenate([image.cpu().numpy(), colorize(target.cpu().numpy(), palette, ignore_index),
                                     colorize(pred.cpu().numpy(), palette, ignore_index)], axis=1))
     return np.concatenate(rows, axis=0).transpose(2, 0, 1)
