@@ -202,3 +202,78 @@ def test_annotated_checks_run_at_validation():
     # The type is checked first, so a check only ever sees a value of its type.
     with pytest.raises(ConfigError, match=r"x\.args\.n: expected an integer, got 'z'"):
         things.validate({"type": "pair", "args": {"n": "z"}}, "x")
+
+
+@pytest.mark.parametrize("text", ['"lr": NaN', '"lr": Infinity', '"lr": -Infinity', '"lr": 1e999'])
+def test_non_finite_numbers_in_the_file_are_rejected_with_their_path(tmp_path, tiny_config, text):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_config).replace('"lr": 0.05', text))
+    with pytest.raises(ConfigError, match=r"config.json: optimizer.args.lr: NaN and Infinity are not allowed"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999", '[1, NaN]'])
+def test_non_finite_numbers_in_set_are_rejected(tiny_config, value):
+    with pytest.raises(ConfigError, match=r"^--set optimizer.args.lr(\[1\])?: NaN and Infinity are not allowed"):
+        apply_override(tiny_config, f"optimizer.args.lr={value}")
+
+
+def test_adam_betas_must_be_a_pair(tiny_config):
+    tiny_config["optimizer"] = {"type": "Adam", "args": {"lr": 0.001, "betas": [0.9]}}
+    with pytest.raises(ConfigError, match=r"optimizer.args.betas: expected a list of 2 numbers, got \[0.9\]"):
+        validate_config(tiny_config)
+    tiny_config["optimizer"]["args"]["betas"] = [0.8, 0.99]
+    assert validate_config(tiny_config)["optimizer"]["args"]["betas"] == [0.8, 0.99]
+
+
+def test_any_constructor_error_from_a_value_names_the_path():
+    registry = Registry("thing")
+
+    @registry.register
+    def Pick(choices: list[int] = (1, 2), index: int = 0) -> int:
+        return choices[index]
+
+    with pytest.raises(ConfigError, match=r"^thing \(Pick\): IndexError: list index out of range$"):
+        registry.build({"type": "Pick", "args": {"index": 5}}, "thing")
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64])
+def test_seed_is_bounded(tiny_config, seed):
+    tiny_config["seed"] = seed
+    with pytest.raises(ConfigError, match=rf"seed: must be between 0 and 4294967295, got {seed}"):
+        validate_config(tiny_config)
+
+
+def test_set_on_a_plain_loss_name_shows_the_type_args_form(tiny_config):
+    with pytest.raises(ConfigError) as info:
+        apply_override(tiny_config, "loss.args.label_smoothing=0.1")
+    assert str(info.value) == (
+        "--set loss.args.label_smoothing: 'loss' is the name \"CrossEntropyLoss\" here, which has no args; "
+        "give the {type, args} form: --set 'loss={\"type\": \"CrossEntropyLoss\", \"args\": "
+        "{\"label_smoothing\": 0.1}}'")
+    # The suggested command works.
+    apply_override(tiny_config, 'loss={"type": "CrossEntropyLoss", "args": {"label_smoothing": 0.1}}')
+    assert validate_config(tiny_config)["loss"]["args"]["label_smoothing"] == 0.1
+
+
+def test_set_of_a_number_where_a_string_is_hints_at_quoting(tiny_config):
+    with pytest.raises(ConfigError, match=r"""--set name: expected str like the config's 'tiny', got 2024; """
+                                          r"""to give the string "2024", quote it: --set 'name="2024"'"""):
+        apply_override(tiny_config, "name=2024")
+    apply_override(tiny_config, 'name="2024"')
+    assert tiny_config["name"] == "2024"
+
+
+def test_set_reaches_list_elements(tiny_config):
+    apply_override(tiny_config, "train_loader.args.transforms[2].args={}")
+    apply_override(tiny_config, "train_loader.args.transforms[2].args.p=0.3")
+    apply_override(tiny_config, "train_loader.args.transforms[1].args.size=24")
+    transforms = validate_config(tiny_config)["train_loader"]["args"]["transforms"]
+    assert transforms[2] == {"type": "RandomHorizontalFlip", "args": {"p": 0.3}}
+    assert transforms[1]["args"]["size"] == 24
+    with pytest.raises(ConfigError, match=r"'train_loader.args.transforms' has 3 element\(s\); \[5\] is out of range"):
+        apply_override(tiny_config, "train_loader.args.transforms[5].args.p=0.3")
+    with pytest.raises(ConfigError, match=r"'trainer.epochs' is not a list in the config"):
+        apply_override(tiny_config, "trainer.epochs[0]=1")
+    with pytest.raises(ConfigError, match=r"cannot read 'transforms\[x\]'"):
+        apply_override(tiny_config, "train_loader.args.transforms[x].p=1")

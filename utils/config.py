@@ -12,6 +12,8 @@ import copy
 import importlib
 import inspect
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +40,9 @@ TRANSFORM_INJECTED = ("ignore_index",)
 LOSS_INJECTED = ("ignore_index", "num_classes", "train_dataset", "cache_dir")
 OPTIMIZER_INJECTED = ("params",)
 SCHEDULER_INJECTED = ("optimizer", "num_epochs", "iters_per_epoch")
+
+# Seeds are combined with epochs and indices into 64-bit generator seeds; 32 bits leave room.
+MAX_SEED = 2**32 - 1
 
 METRIC_NAMES = ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "val_loss")
 
@@ -112,8 +117,9 @@ def apply_override(config: dict, assignment: str) -> None:
     """Apply ``KEY=VALUE`` (dotted key, JSON value) in place, keeping the key's type.
 
     ``trainer.epochs=3`` sets an int, ``arch.type=UNet`` a string (values that are
-    not JSON are taken as strings). Replacing an existing value by one of another
-    type is an error; ints are accepted where floats are.
+    not JSON are taken as strings), ``train_loader.args.transforms[1].args.p=0.3``
+    an element of a list. Replacing an existing value by one of another type is
+    an error; ints are accepted where floats are.
     """
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment}: expected KEY=VALUE, e.g. trainer.epochs=3")
@@ -122,27 +128,106 @@ def apply_override(config: dict, assignment: str) -> None:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
-    keys = dotted.split(".")
-    node = config
-    for depth, key in enumerate(keys[:-1]):
-        child = node.get(key) if isinstance(node, dict) else None
-        if not isinstance(child, dict):
-            where = ".".join(keys[:depth + 1])
-            hint = did_you_mean(key, node) if isinstance(node, dict) else ""
-            raise ConfigError(f"--set {dotted}: '{where}' is not an object in the config.{hint}")
-        node = child
-    last = keys[-1]
-    if last in node and node[last] is not None and value is not None:  # null is checked by validation
+    bad = _non_finite(value, f"--set {dotted}")
+    if bad:
+        raise ConfigError(f"{bad[0]}: NaN and Infinity are not allowed; give a finite number")
+    steps = _key_steps(dotted)
+    node: Any = config
+    for depth, step in enumerate(steps[:-1]):
+        node = _descend(node, step, steps, depth, dotted, raw)
+    last = steps[-1]
+    if isinstance(last, int):
+        _check_index(node, last, steps, len(steps) - 1, dotted)
         old = node[last]
-        same = (isinstance(old, bool) == isinstance(value, bool)
-                and (type(old) is type(value) or (isinstance(old, float) and isinstance(value, int))
-                     or (isinstance(old, (list, tuple)) and isinstance(value, (list, tuple)))))
-        if not same:
-            raise ConfigError(f"--set {dotted}: expected {type(old).__name__} like the config's "
-                              f"{old!r}, got {value!r}")
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-    node[last] = value
+    else:
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{_path(steps[:-1])}' is not an object in the config")
+        old = node.get(last)
+    if old is not None and value is not None:  # null is checked by validation
+        node_value = _same_type(old, value, dotted, raw)
+    else:
+        node_value = value
+    node[last] = node_value
+
+
+def _key_steps(dotted: str) -> list[str | int]:
+    """``a.b[1].c`` -> ``["a", "b", 1, "c"]``."""
+    steps: list[str | int] = []
+    for part in dotted.split("."):
+        match = re.fullmatch(r"([^\[\]]+)((?:\[\d+\])*)", part)
+        if match is None:
+            raise ConfigError(f"--set {dotted}: cannot read '{part}'; write keys like trainer.epochs or "
+                              "train_loader.args.transforms[1].args.p")
+        steps.append(match.group(1))
+        steps += [int(i) for i in re.findall(r"\[(\d+)\]", match.group(2))]
+    return steps
+
+
+def _path(steps: list[str | int]) -> str:
+    text = ""
+    for step in steps:
+        text += f"[{step}]" if isinstance(step, int) else (f".{step}" if text else step)
+    return text
+
+
+def _check_index(node: Any, index: int, steps: list, depth: int, dotted: str) -> None:
+    where = _path(steps[:depth])
+    if not isinstance(node, list):
+        raise ConfigError(f"--set {dotted}: '{where}' is not a list in the config")
+    if index >= len(node):
+        raise ConfigError(f"--set {dotted}: '{where}' has {len(node)} element(s); [{index}] is out of range")
+
+
+def _descend(node: Any, step: str | int, steps: list, depth: int, dotted: str, raw: str) -> Any:
+    """The child ``step`` of ``node`` on the way to the key; errors say what is there instead."""
+    if isinstance(step, int):
+        _check_index(node, step, steps, depth, dotted)
+        return node[step]
+    where = _path(steps[:depth + 1])
+    child = node.get(step) if isinstance(node, dict) else None
+    if isinstance(child, str) and steps[depth + 1:depth + 2] == ["args"]:
+        # "loss": "CrossEntropyLoss" has no args to set: show the {type, args} form.
+        rest = steps[depth + 2:]
+        example = f'{{"type": "{child}", "args": {{"{rest[0]}": {raw}}}}}' if len(rest) == 1 else \
+            f'{{"type": "{child}", "args": {{...}}}}'
+        raise ConfigError(f"--set {dotted}: '{where}' is the name \"{child}\" here, which has no args; "
+                          f"give the {{type, args}} form: --set '{where}={example}'")
+    wanted = list if isinstance(steps[depth + 1], int) else dict
+    if not isinstance(child, wanted):
+        hint = did_you_mean(step, node) if isinstance(node, dict) and step not in node else ""
+        what = "a list" if wanted is list else "an object"
+        raise ConfigError(f"--set {dotted}: '{where}' is not {what} in the config.{hint}")
+    return child
+
+
+def _same_type(old: Any, value: Any, dotted: str, raw: str) -> Any:
+    """``value`` if it has ``old``'s type (an int becomes a float where a float was); else a ConfigError.
+
+    A component's two spellings, ``"Name"`` and ``{"type": ..., "args": ...}``, count as one type.
+    """
+    spec_forms = all(isinstance(v, str) or (isinstance(v, dict) and "type" in v) for v in (old, value))
+    same = spec_forms or (isinstance(old, bool) == isinstance(value, bool)
+                          and (type(old) is type(value) or (isinstance(old, float) and isinstance(value, int))
+                               or (isinstance(old, (list, tuple)) and isinstance(value, (list, tuple)))))
+    if not same:
+        hint = (f"; to give the string \"{raw}\", quote it: --set '{dotted}=\"{raw}\"'"
+                if isinstance(old, str) else "")
+        raise ConfigError(f"--set {dotted}: expected {type(old).__name__} like the config's "
+                          f"{old!r}, got {value!r}{hint}")
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _non_finite(value: Any, path: str) -> list[str]:
+    """The paths of NaN or infinite numbers in a JSON value (JSON allows them; a config must not)."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite(v, _join(path, str(k)))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _non_finite(v, f"{path}[{i}]")]
+    return []
 
 
 def _check_keys(section: Any, schema: dict[str, Key], path: str, allowed_extra: tuple[str, ...] = ()) -> dict:
@@ -220,7 +305,8 @@ def validate_config(config: dict) -> dict:
     All problems found are reported together, one per line.
     """
     import_components()
-    errors: list[str] = []
+    errors: list[str] = [f"{path}: NaN and Infinity are not allowed; give a finite number"
+                         for path in _non_finite(config, "")]
     resolved: dict[str, Any] = {}
 
     def attempt(key: str, check) -> None:
@@ -270,8 +356,8 @@ def _check_derived(resolved: dict) -> list[str]:
     if resolved["val_loader"] is not None and resolved["val_loader"]["type"] != train_type:
         errors.append(f"val_loader.type: must be the same data set as train_loader.type ({train_type}) "
                       "so that the classes agree")
-    if resolved["seed"] < 0:
-        errors.append(f"seed: must be >= 0, got {resolved['seed']}")
+    if not 0 <= resolved["seed"] <= MAX_SEED:
+        errors.append(f"seed: must be between 0 and {MAX_SEED}, got {resolved['seed']}")
     num_classes = DATASETS.get(train_type).num_classes()
     if 0 <= resolved["ignore_index"] < num_classes:
         errors.append(f"ignore_index: {resolved['ignore_index']} is a class of {train_type} "

@@ -16,11 +16,15 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
 
     Readers (another process, a resumed run) see the old file or the new one,
     never a truncated one. On error the temporary file is removed and ``path``
-    is untouched.
+    is untouched. The file gets the permissions ``open`` would give it (0666
+    less the umask), not ``mkstemp``'s private 0600, so colleagues sharing a
+    cluster can read the runs; the folder is synced after the rename so the
+    new name survives a crash.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
             yield handle
             handle.flush()
@@ -29,6 +33,28 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _current_umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems do not sync folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json(data, path: str | Path) -> None:

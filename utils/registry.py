@@ -67,6 +67,8 @@ def describe_type(annotation: Any) -> str:
     if origin in (list, tuple, Sequence):
         plurals = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
         inner = plurals.get(args[0], describe_type(args[0])) if args else "values"
+        if origin is tuple and args and args[-1] is not Ellipsis and len(set(args)) == 1:
+            return f"a list of {len(args)} {inner}"
         return f"a list of {inner}"
     if origin in (dict, Mapping):
         return "an object"
@@ -236,9 +238,11 @@ class Registry:
         """Validate ``spec`` and call the constructor with its args.
 
         Of the framework's ``available`` values (number of classes, ignore index...)
-        the constructor receives those it declares. A ``ValueError`` or
-        ``ConfigError`` raised while constructing is re-raised as a ConfigError
-        prefixed with the config path and type.
+        the constructor receives those it declares. An error that a bad value
+        causes while constructing (``ValueError``, ``TypeError``, ``IndexError``,
+        ``KeyError``, arithmetic errors, ``ConfigError``) is re-raised as a
+        ConfigError prefixed with the config path and type; errors about files
+        (``DataError``, ``CheckpointError``) already name the file and pass through.
         """
         spec = self.validate(spec, path, injected=available.keys())
         declared = self.parameters(spec["type"])
@@ -247,6 +251,8 @@ class Registry:
             return self._items[spec["type"]](**spec["args"], **injected)
         except (ValueError, ConfigError) as exc:
             raise ConfigError(f"{path} ({spec['type']}): {exc}") from exc
+        except (TypeError, IndexError, KeyError, ArithmeticError) as exc:
+            raise ConfigError(f"{path} ({spec['type']}): {type(exc).__name__}: {exc}") from exc
 
 
 def import_submodules(package: str) -> None:

@@ -25,7 +25,7 @@ def SGD(params: list, lr: float, momentum: float = 0.9, weight_decay: float = 1e
 
 
 @OPTIMIZERS.register
-def Adam(params: list, lr: float, betas: list[float] = (0.9, 0.999), weight_decay: float = 0.0,
+def Adam(params: list, lr: float, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
          eps: float = 1e-8) -> torch.optim.Optimizer:
     """Adam (``torch.optim.Adam``); weight decay is an L2 penalty added to the gradient.
 
@@ -39,7 +39,7 @@ def Adam(params: list, lr: float, betas: list[float] = (0.9, 0.999), weight_deca
 
 
 @OPTIMIZERS.register
-def AdamW(params: list, lr: float, betas: list[float] = (0.9, 0.999), weight_decay: float = 1e-2,
+def AdamW(params: list, lr: float, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 1e-2,
           eps: float = 1e-8) -> torch.optim.Optimizer:
     """AdamW (``torch.optim.AdamW``): Adam with decoupled weight decay.
 
