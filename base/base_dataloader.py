@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import signal
 from collections.abc import Iterator
+from multiprocessing import forkserver, resource_tracker
 from typing import Literal
 
 import cv2
@@ -113,6 +115,25 @@ def signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def start_helper_processes(context) -> None:
+    """Start multiprocessing's resource tracker (and forkserver) before the workers, signals handled.
+
+    The resource tracker, which ``spawn`` and ``forkserver`` workers need, *unblocks* SIGINT and
+    SIGTERM in the calling process after starting (CPython's ``resource_tracker.ensure_running``):
+    started inside :func:`signals_blocked`, it would let the workers started after it inherit
+    unblocked signals and die of a Ctrl-C while they import. So it starts first, and the
+    forkserver (whose forked workers inherit its mask) starts with the signals blocked.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        return
+    method = context.get_start_method() if context is not None else multiprocessing.get_start_method()
+    if method in ("spawn", "forkserver"):
+        resource_tracker.ensure_running()
+    if method == "forkserver":
+        with signals_blocked():
+            forkserver.ensure_running()
+
+
 def is_worker_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is the loader's report of a worker process that died (not a data error)."""
     text = str(exc)
@@ -154,6 +175,7 @@ class BaseDataLoader(DataLoader):
         if self.num_workers > 0 and self._iterator is None:
             # The first iteration starts the workers: they inherit blocked stop signals, and a
             # Ctrl-C meanwhile reaches the main process once they are up.
+            start_helper_processes(self.multiprocessing_context)
             with signals_blocked():
                 return super().__iter__()
         return super().__iter__()

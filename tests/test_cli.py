@@ -327,7 +327,7 @@ def test_more_bad_inputs_get_one_line(tmp_path, tiny_config, trained, image_fold
 
     tiny_config["seed"] = -1
     assert train.main(["-c", write_config(tmp_path, tiny_config)]) == 2
-    assert "seed: must be >= 0, got -1" in one_line_error(capsys)
+    assert "seed: must be between 0 and 4294967295, got -1" in one_line_error(capsys)
 
     checkpoint = str(run_dir / "best_model.pth")
     assert inference.main(["-m", checkpoint, "-i", str(images), "-o", str(a_file)]) == 2
