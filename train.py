@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import warnings
 from datetime import datetime
@@ -78,12 +79,25 @@ def finished_message(checkpoint: dict, config: dict, path: str) -> str | None:
             f"nothing to resume. To train further, raise the epochs: --set trainer.epochs=N (N > {saved_epochs})")
 
 
-def check_processes(config: dict) -> None:
-    """``n_gpu > 1`` needs one process per GPU, which torchrun starts."""
+def check_processes(config: dict, args: argparse.Namespace) -> None:
+    """``n_gpu > 1`` needs one process per GPU, which torchrun starts: name the command."""
     if config["n_gpu"] > 1 and not distributed.launched_by_torchrun():
         raise ConfigError(f"n_gpu is {config['n_gpu']} but this is a single process: run "
-                          f"torchrun --nproc_per_node={config['n_gpu']} train.py -c CONFIG "
+                          f"torchrun --nproc_per_node={config['n_gpu']} {_script()} {' '.join(_cli_args(args))} "
                           "(or set n_gpu to 1)")
+
+
+def _script() -> str:
+    """How this script was named on the command line (``train.py`` when imported)."""
+    return sys.argv[0] if sys.argv and Path(sys.argv[0]).name == "train.py" else "train.py"
+
+
+def _cli_args(args: argparse.Namespace) -> list[str]:
+    """The options of this run, quoted for a shell, to repeat them in a suggested command."""
+    options = [("-c", args.config), ("--resume", args.resume), ("--run-dir", args.run_dir),
+               ("--device", args.device)]
+    words = [f"{flag} {shlex.quote(str(value))}" for flag, value in options if value is not None]
+    return words + [f"--set {shlex.quote(item)}" for item in args.overrides]
 
 
 def build_components(config: dict, device: torch.device, resuming: bool = False) -> dict:
@@ -144,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
         message = finished_message(checkpoint, config, args.resume)
         if message is not None:  # nothing is built or written
             return {"run_dir": str(Path(args.resume).resolve().parent), "finished": message}
-    check_processes(config)
+    check_processes(config, args)
     device = select_device(args.device)
     distributed.init_process_group(device)
     components = build_components(config, device, resuming=checkpoint is not None)
@@ -175,7 +189,7 @@ def _rounded(values) -> str:
 
 def resume_command(checkpoint: Path, args: argparse.Namespace) -> str:
     """The command that resumes this run, as it was started (torchrun included)."""
-    script = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == "train.py" else "train.py"
+    script = _script()
     device = f" --device {args.device}" if args.device else ""
     if not distributed.launched_by_torchrun():
         return f"python {script} --resume {checkpoint}{device}"
