@@ -241,3 +241,38 @@ def test_registry_builds_cross_entropy():
                         ignore_index=255)
     assert isinstance(loss, CrossEntropyLoss)
     assert loss.label_smoothing == 0.1
+
+
+# --- label smoothing ---------------------------------------------------------------------
+
+def test_weighted_label_smoothing_hand_computed():
+    # PyTorch's weighted smoothing, whose mean divides by the summed target weights:
+    # [sum_i (1 - eps) w_y nll_i(y) + eps / C sum_i sum_c w_c nll_i(c)] / sum_i w_y
+    logits, target = two_pixels(extra_logits=[(3.0, -3.0)], extra_targets=[255])
+    eps, weights = 0.3, (0.25, 2.0)
+    hard = weights[0] * nll(PIXEL_A, 0) + weights[1] * nll(PIXEL_B, 1)
+    smooth = sum(weights[c] * nll(pixel, c) for pixel in (PIXEL_A, PIXEL_B) for c in (0, 1)) / 2
+    expected = ((1 - eps) * hard + eps * smooth) / (weights[0] + weights[1])
+    loss = WeightedCrossEntropyLoss(weights=list(weights), num_classes=2, label_smoothing=eps)(logits, target)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_label_smoothing_leaves_void_pixels_out():
+    logits, target = two_pixels(extra_logits=[(9.0, -9.0)], extra_targets=[255])
+    plain_logits, plain_target = two_pixels()
+    loss_fn = CrossEntropyLoss(label_smoothing=0.2)
+    assert loss_fn(logits, target).item() == pytest.approx(loss_fn(plain_logits, plain_target).item(), rel=1e-6)
+
+
+def test_label_smoothing_out_of_range_is_rejected():
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
+        CrossEntropyLoss(label_smoothing=1.5)
+
+
+def test_weighted_sum_passes_the_training_data_on_to_computed_weights(tmp_path):
+    spec = {"type": "WeightedSumLoss", "args": {"terms": [
+        {"loss": {"type": "WeightedCrossEntropyLoss", "args": {"weights": "enet"}}, "weight": 0.5}]}}
+    loss = LOSSES.build(spec, "loss", ignore_index=255, num_classes=4, train_dataset=TinyDataSet(),
+                        cache_dir=str(tmp_path))
+    assert loss.losses[0].weight.tolist() == pytest.approx(ENET, rel=1e-6)
+    assert len(list(tmp_path.glob("*.json"))) == 1

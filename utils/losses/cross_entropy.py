@@ -7,6 +7,7 @@ from torch import nn
 
 from base.base_dataset import BaseDataSet
 from utils.losses.class_weights import WeightMethod, cached_class_weights
+from utils.losses.common import full_precision, safe_divide
 from utils.registry import LOSSES
 
 
@@ -32,8 +33,9 @@ class CrossEntropyLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Shape: logits ``(N, C, H, W)``, target ``(N, H, W)``; returns a scalar."""
-        total = F.cross_entropy(logits, target, weight=self.weight, ignore_index=self.ignore_index,
-                                label_smoothing=self.label_smoothing, reduction="sum")
+        total = F.cross_entropy(full_precision(logits), target, weight=self.weight,
+                                ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                                reduction="sum")
         valid = target != self.ignore_index
         if self.weight is None:
             denominator = valid.sum()
@@ -41,8 +43,7 @@ class CrossEntropyLoss(nn.Module):
             # PyTorch's weighted mean divides by the summed weights of the valid
             # targets; where() keeps void indices in range without touching target.
             denominator = (self.weight[torch.where(valid, target, 0)] * valid).sum()
-        # where() instead of an if: no host sync on the GPU.
-        return total / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+        return safe_divide(total, denominator)
 
 
 @LOSSES.register
