@@ -82,14 +82,17 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return max(self._per_rank() - self.skip, 0)
 
 
-def collate_pairs(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ``(image, label)`` pairs; mixed sizes get an error that says what to change."""
-    sizes = {tuple(image.shape[:2]) for image, _ in batch}
+def collate_pairs(batch: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Stack ``(image, label)`` pairs (or ``(image, label, instances)`` triples, field by field).
+
+    Mixed sizes get an error that says what to change.
+    """
+    sizes = {tuple(item[0].shape[:2]) for item in batch}
     if len(sizes) > 1:
         shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
         raise DataError(f"a batch mixes image sizes (height x width) {shown}; add a RandomCrop or Resize "
                         "to the loader's transforms, or use batch_size 1")
-    return torch.stack([image for image, _ in batch]), torch.stack([label for _, label in batch])
+    return tuple(torch.stack(field) for field in zip(*batch))
 
 
 def init_worker(worker_id: int) -> None:

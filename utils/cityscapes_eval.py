@@ -1,0 +1,134 @@
+"""Cityscapes' pixel-level benchmark: per-class IoU and instance-level iIoU (nIoU), as the official script.
+
+The official evaluation (``cityscapesscripts``' ``evalPixelLevelSemanticLabeling``)
+scores the 19 classes on full-resolution label ids:
+
+- IoU = TP / (TP + FP + FN), where false positives count only on pixels whose
+  ground truth is an evaluated class (void ground truth never counts against a
+  prediction);
+- iIoU weights each ground-truth *instance*'s TP and FN by
+  ``average instance size of its class / its size`` (so small objects count as
+  much as large ones), with the same unweighted FP; it exists for the 8 classes
+  with instances and needs the ``*_instanceIds.png`` maps (``labelId * 1000 + k``);
+- a class whose denominator is 0 has no score, and the means skip it.
+
+:class:`CityscapesEvaluator` accumulates these over images and equals the
+script to floating-point rounding. It takes train ids (predictions and the
+loaders' targets): the script's IoU on label ids is the same, as its void
+rows never count.
+MiniCity uses the same evaluation.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from dataloader.cityscapes import Cityscapes
+
+#: Mean instance size in pixels per class over the training set (the official script's constants).
+AVERAGE_INSTANCE_SIZE = {
+    "person": 3462.4756337644, "rider": 3930.4788056518, "car": 12794.0202738185, "truck": 27855.1264367816,
+    "bus": 35732.1511111111, "train": 67583.7075812274, "motorcycle": 6298.7200839748,
+    "bicycle": 4672.3249222261,
+}
+_INSTANCE_OFFSET = 1000  # instance ids are label id * 1000 + k; smaller values are plain label ids
+
+
+def _numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
+    return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+
+
+class CityscapesEvaluator:
+    """Accumulate the benchmark's IoU and iIoU over full-resolution predictions.
+
+    Example:
+        >>> evaluator = CityscapesEvaluator()
+        >>> evaluator.update(pred_train_ids, target_train_ids, instance_ids)   # per image
+        >>> evaluator.result()["iIoU"]
+
+    Predictions for the evaluation server: :meth:`dataloader.cityscapes.Cityscapes.to_label_ids`.
+
+    Args:
+        ignore_index: the void value of the targets.
+    """
+
+    class_names = Cityscapes.class_names
+
+    def __init__(self, ignore_index: int = 255) -> None:
+        n = len(self.class_names)
+        self.ignore_index = ignore_index
+        self._lut = Cityscapes.label_lut(ignore_index=n)  # label id -> train id, void -> n
+        self.confusion = np.zeros((n, n), dtype=np.int64)  # rows ground truth, columns prediction
+        self._instance_classes = np.array([name in AVERAGE_INSTANCE_SIZE for name in self.class_names])
+        self._average_size = np.array([AVERAGE_INSTANCE_SIZE.get(name, 0.0) for name in self.class_names])
+        self.tp_weighted = np.zeros(n, dtype=np.float64)
+        self.fn_weighted = np.zeros(n, dtype=np.float64)
+        self.has_instances = False
+
+    def update(self, pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor,
+               instance_ids: np.ndarray | torch.Tensor | None = None) -> None:
+        """Add one image at the label's full resolution.
+
+        Args:
+            pred: predicted train ids ``(H, W)`` (0-18).
+            target: the ground truth in train ids with ``ignore_index`` for void ``(H, W)``, as
+                the Cityscapes loaders give it (the official script's label ids, mapped).
+            instance_ids: the ``*_instanceIds.png`` map ``(H, W)``; without it the image
+                adds to IoU only.
+        """
+        pred, target = _numpy(pred).astype(np.int64), _numpy(target).astype(np.int64)
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction is {pred.shape} but the label is {target.shape}: evaluate at the "
+                             "label's full resolution")
+        n = len(self.class_names)
+        if pred.size and (pred.min() < 0 or pred.max() >= n):
+            raise ValueError(f"predictions must be train ids 0-{n - 1}, got values up to {int(pred.max())}")
+        valid = target != self.ignore_index
+        if valid.any() and (target[valid].min() < 0 or target[valid].max() >= n):
+            raise ValueError(f"targets must be train ids 0-{n - 1} or {self.ignore_index} (void)")
+        self.confusion += np.bincount(target[valid] * n + pred[valid], minlength=n * n).reshape(n, n)
+        if instance_ids is not None:
+            self._add_instances(pred, _numpy(instance_ids).astype(np.int64))
+
+    def _add_instances(self, pred: np.ndarray, instances: np.ndarray) -> None:
+        self.has_instances = True
+        selected = instances > _INSTANCE_OFFSET  # the script's test: "> 1000"
+        ids, inverse = np.unique(instances[selected], return_inverse=True)
+        train_ids = self._lut[ids // _INSTANCE_OFFSET]
+        evaluated = train_ids < len(self.class_names)
+        train_ids = np.where(evaluated, train_ids, 0)
+        evaluated &= self._instance_classes[train_ids]
+        sizes = np.bincount(inverse, minlength=ids.size).astype(np.float64)
+        hits = np.bincount(inverse, weights=pred[selected] == train_ids[inverse], minlength=ids.size)
+        weights = self._average_size[train_ids] / np.maximum(sizes, 1)
+        np.add.at(self.tp_weighted, train_ids[evaluated], (hits * weights)[evaluated])
+        np.add.at(self.fn_weighted, train_ids[evaluated], ((sizes - hits) * weights)[evaluated])
+
+    def result(self) -> dict:
+        """Scores so far.
+
+        Returns:
+            ``{"class_iou": {name: IoU}, "class_iiou": {name: iIoU}, "mIoU": ..., "iIoU": ...}``:
+            IoU for the 19 classes, iIoU for the 8 instance classes (``nan`` where a class has
+            no score, as in the script; the means skip those; iIoU is ``nan`` without instance maps).
+        """
+        tp = np.diag(self.confusion).astype(np.float64)
+        fn = self.confusion.sum(axis=1) - tp
+        fp = self.confusion.sum(axis=0) - tp
+        denominator = tp + fp + fn
+        iou = np.divide(tp, denominator, out=np.full_like(tp, math.nan), where=denominator > 0)
+        inst_denominator = self.tp_weighted + fp + self.fn_weighted
+        iiou = np.divide(self.tp_weighted, inst_denominator, out=np.full_like(tp, math.nan),
+                         where=(inst_denominator > 0) & self._instance_classes & self.has_instances)
+        names = self.class_names
+        return {"class_iou": dict(zip(names, iou.tolist())),
+                "class_iiou": {name: float(v) for name, v, has in zip(names, iiou, self._instance_classes) if has},
+                "mIoU": _mean(iou), "iIoU": _mean(iiou[self._instance_classes])}
+
+
+def _mean(scores: np.ndarray) -> float:
+    valid = scores[~np.isnan(scores)]
+    return float(valid.mean()) if valid.size else math.nan
+
