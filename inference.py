@@ -1,159 +1,313 @@
-"""Predict a folder of images with a trained checkpoint.
+"""Segment images, folders, lists and videos with a trained checkpoint or an exported ONNX file.
 
-    python inference.py -c CONFIG -m CHECKPOINT -i IMAGE_DIR -o OUT_DIR
-                        [--labels LABEL_DIR] [--extension png] [--device cpu|cuda]
+    python inference.py -m CHECKPOINT -i INPUT -o OUT_DIR [-c CONFIG] [--labels LABEL_DIR]
+                        [--mode single|sliding|multiscale] [--tile H W] [--overlap F]
+                        [--scales 0.5,0.75,1.0] [--flip] [--batch-size N] [--amp bf16|fp16]
+                        [--label-ids] [--confidence] [--probs] [--min-cluster N]
 
-For each image it writes ``<stem>.png`` (a palette PNG whose pixel values are
-class indices) and ``<stem>_overlay.png``. With ``--labels`` it also scores the
-folder as a whole (one confusion matrix over all images) into ``results.json``
-and ``results.txt``. No training data is needed: classes, palette and
-normalisation come from the checkpoint (or the data set class).
+``INPUT`` is a folder (searched recursively; the output mirrors its sub-folders),
+one image, a list file (``.txt``: one image path a line, relative to the list's
+folder) or a video (``.mp4``, ``.avi``: written back as ``<stem>_overlay`` video at
+the same frame rate). Each image gives ``<name>.png`` (palette PNG of class
+indices) and ``<name>_overlay.png``; on request ``<name>_labelIds.png`` (the
+data set's own label ids, e.g. for the Cityscapes server), ``<name>_confidence.png``
+(max probability x 255) and ``<name>_probs.npy`` (float16 ``(K, H, W)``).
+Unreadable images are skipped, named and counted; the exit code is then 1.
+
+With ``--labels`` the folder is scored as a whole into ``results.json``,
+``results.txt`` and ``confusion_matrix.png``; ``worst/`` shows the images of
+lowest mIoU (image | ground truth | prediction). Mode options may also come from
+an ``inference`` section of the config; flags override it. No training data is
+needed: classes, palette and normalisation come from the checkpoint.
 """
 from __future__ import annotations
 
 import argparse
+import heapq
+import math
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from base.base_dataset import apply_label_lut, normalize_batch, read_image, read_label
-from utils.build import build_model, dataset_class, dataset_meta, make_dir, select_device
-from utils.checkpoint import load_checkpoint, load_model_weights
-from utils.config import load_config
+from base.base_dataset import apply_label_lut, read_image, read_label
+from dataloader.cityscapes import Cityscapes
+from utils.build import make_dir, select_device
+from utils.cityscapes_eval import CityscapesEvaluator
 from utils.errors import ConfigError, DataError, UserError, user_message
 from utils.files import write_json
 from utils.metrics import ConfusionMatrix, segmentation_metrics
-from utils.visualize import overlay, save_palette_png, save_rgb_png
+from utils.predict import Normalized, Predictor, inference_settings, load_trained, read_run_config, \
+    remove_small_clusters
+from utils.registry import DATASETS
+from utils.visualize import colorize, overlay, save_confusion_plot, save_palette_png, save_rgb_png
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp")
+VIDEO_EXTENSIONS = ("mp4", "avi")
+LIST_EXTENSIONS = ("txt", "lst")
+# OpenCV codecs by container; both are built into the opencv-python wheels.
+FOURCC = {"mp4": "mp4v", "avi": "MJPG"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Segment a folder of images with a trained model.")
+    parser = argparse.ArgumentParser(description="Segment images, folders, list files or videos.")
     parser.add_argument("-c", "--config", help="JSON config (default: the one saved in the checkpoint)")
-    parser.add_argument("-m", "--model", required=True, help="checkpoint (best_model.pth or checkpoint.pth)")
-    parser.add_argument("-i", "--images", required=True, help="folder of images to segment")
+    parser.add_argument("-m", "--model", required=True,
+                        help="checkpoint (best_model.pth, checkpoint.pth) or an exported .onnx file")
+    parser.add_argument("-i", "--images", required=True, help="folder, image, list file (.txt) or video")
     parser.add_argument("-o", "--output", required=True, help="folder for the predictions")
-    parser.add_argument("-l", "--labels", help="folder of ground-truth label images with the same stems")
+    parser.add_argument("-l", "--labels", help="folder of ground-truth labels, same relative paths and stems")
     parser.add_argument("-e", "--extension", help="only images with this extension (default: common image types)")
     parser.add_argument("-d", "--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the prediction in overlays")
+    mode = parser.add_argument_group("mode (override the config's inference section)")
+    mode.add_argument("--mode", choices=("single", "sliding", "multiscale"))
+    mode.add_argument("--tile", type=int, nargs=2, metavar=("H", "W"), help="sliding-window tile size")
+    mode.add_argument("--overlap", type=float, help="fraction of a tile shared with its neighbour (default 1/3)")
+    mode.add_argument("--scales", type=_scales, help="multiscale scales, e.g. 0.5,0.75,1.0,1.25")
+    mode.add_argument("--flip", action="store_true", default=None, help="add mirrored predictions")
+    mode.add_argument("--batch-size", type=int, help="images (tiles in sliding mode) per forward pass")
+    mode.add_argument("--amp", choices=("bf16", "fp16"), help="autocast the model")
+    extra = parser.add_argument_group("extra outputs")
+    extra.add_argument("--label-ids", action="store_true", help="also write <name>_labelIds.png")
+    extra.add_argument("--confidence", action="store_true", help="also write <name>_confidence.png")
+    extra.add_argument("--probs", action="store_true", help="also write <name>_probs.npy (float16)")
+    extra.add_argument("--min-cluster", type=int, default=0,
+                       help="regions smaller than this many pixels take the class around them")
+    extra.add_argument("--worst", type=int, default=5, help="with --labels: how many worst images to show")
     return parser.parse_args(argv)
 
 
+def _scales(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.5,1.0,1.5, got {text!r}")
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+def _suffix(path: Path) -> str:
+    return path.suffix.lower().lstrip(".")
+
+
 def list_images(folder: Path, extension: str | None) -> list[Path]:
+    """The images under ``folder`` (recursively, sorted); other files are skipped with a warning."""
     if not folder.is_dir():
         raise DataError(f"{folder}: image folder does not exist")
     extensions = (extension.lower().lstrip("."),) if extension else IMAGE_EXTENSIONS
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower().lstrip(".") in extensions)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if _suffix(p) in extensions]
+    skipped = [p for p in files if _suffix(p) not in IMAGE_EXTENSIONS]  # --extension filters silently
+    if skipped:
+        names = ", ".join(str(p.relative_to(folder)) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        print(f"warning: skipped {len(skipped)} file(s) that are not images: {names}", file=sys.stderr)
     if not images:
         raise DataError(f"{folder}: no images with extension {', '.join(extensions)}")
     return images
 
 
-def output_names(images: list[Path]) -> dict[Path, str]:
-    """The output name of each image: its stem, or its file name where two images share a stem.
+def read_list_file(path: Path) -> list[Path]:
+    """The images named in a list file, one a line; relative paths start at the list's folder."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the list file ({exc})") from exc
+    images = [path.parent / line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not images:
+        raise DataError(f"{path}: the list file names no image")
+    return images
 
-    ``a.png`` and ``a.jpg`` in one folder give ``a.png.png`` and ``a.jpg.png``
-    (and ``..._overlay.png``) instead of one overwriting the other.
+
+def collect_inputs(source: Path, extension: str | None) -> tuple[list[Path], Path]:
+    """The images of ``-i`` and the folder their output paths are relative to."""
+    if source.is_dir():
+        return list_images(source, extension), source
+    if not source.is_file():
+        raise DataError(f"{source}: no such folder or file")
+    if _suffix(source) in LIST_EXTENSIONS:
+        images = read_list_file(source)
+        return images, Path(os.path.commonpath([p.parent.resolve() for p in images]))
+    if _suffix(source) in IMAGE_EXTENSIONS:
+        return [source], source.parent
+    raise DataError(f"{source}: not an image ({', '.join(IMAGE_EXTENSIONS)}), a list file "
+                    f"({', '.join(LIST_EXTENSIONS)}) or a video ({', '.join(VIDEO_EXTENSIONS)})")
+
+
+def output_names(images: list[Path], root: Path) -> dict[Path, Path]:
+    """The output path (relative, without suffix) of each image: its stem in its mirrored sub-folder.
+
+    Two images of one folder sharing a stem (``a.png``, ``a.jpg``) keep their
+    extensions (``a.png``, ``a.jpg`` -> ``a.png.png``, ``a.jpg.png``) so neither
+    overwrites the other.
     """
-    stems: dict[str, int] = {}
+    def folder(path: Path) -> Path:
+        return path.resolve().parent.relative_to(root.resolve())
+
+    stems: dict[tuple[Path, str], int] = {}
     for path in images:
-        stems[path.stem] = stems.get(path.stem, 0) + 1
-    return {path: path.stem if stems[path.stem] == 1 else path.name for path in images}
+        key = (folder(path), path.stem)
+        stems[key] = stems.get(key, 0) + 1
+    return {path: folder(path) / (path.stem if stems[(folder(path), path.stem)] == 1 else path.name)
+            for path in images}
 
 
 def find_label(label_dir: Path, stem: str) -> Path:
-    """The label file of an image: same stem, PNG preferred."""
+    """The label file of an image: same stem, PNG preferred (Cityscapes' ``*_leftImg8bit`` -> ``*_gtFine_labelIds``)."""
     candidates = [label_dir / f"{stem}.png"] + sorted(label_dir.glob(f"{stem}.*"))
+    if stem.endswith("_leftImg8bit"):
+        candidates.append(label_dir / f"{stem[:-len('_leftImg8bit')]}_gtFine_labelIds.png")
     for path in candidates:
         if path.is_file():
             return path
     raise DataError(f"{label_dir}: no label file for image '{stem}' (expected {stem}.png)")
 
 
-class Predictor:
-    """A model with the normalisation and classes it was trained with.
+# --- model ----------------------------------------------------------------------------------------
+def load_predictor(config_path: str | None, model_path: str, device: torch.device,
+                   args: argparse.Namespace | None = None) -> tuple[Predictor, dict | None]:
+    """The predictor of a checkpoint or ONNX file, with the mode of the config's section and ``args``.
 
-    ``predict(image)`` takes an RGB ``uint8`` array ``(H, W, 3)`` and returns the
-    class-index map ``(H, W)``.
+    Returns:
+        ``(predictor, config)``; ``config`` is None for an ONNX file run without ``-c``.
     """
-
-    def __init__(self, model: torch.nn.Module, meta: dict, device: torch.device) -> None:
-        self.model = model.to(device).eval()
-        self.meta = meta
-        self.device = device
-
-    @torch.no_grad()
-    def predict(self, image: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(np.ascontiguousarray(image))[None].to(self.device)
-        x = normalize_batch(batch, self.meta["mean"], self.meta["std"])
-        return self.model(x)["out"].argmax(dim=1)[0].cpu().numpy()
-
-
-def load_predictor(config_path: str | None, checkpoint_path: str, device: torch.device) -> tuple[Predictor, dict]:
-    """Build the model of the config (or of the checkpoint's saved config) and load its weights."""
-    state = load_checkpoint(checkpoint_path)
-    if config_path is not None:
-        config = load_config(config_path)
-    elif isinstance(state.get("config"), dict):
-        config = load_config(None, base=state["config"])
+    if Path(model_path).suffix.lower() == ".onnx":
+        from utils.export import OnnxForward
+        forward = OnnxForward(model_path)
+        meta, config, section = forward.meta, None, None
+        if config_path is not None:
+            config, section = read_run_config(config_path, {}, model_path)
+        device = torch.device("cpu")  # onnxruntime takes host arrays
     else:
-        raise ConfigError(f"{checkpoint_path}: the checkpoint holds no config; pass one with -c")
-    meta = state.get("meta") or dataset_meta(config)
-    model = build_model(config, pretrained=False)  # the checkpoint holds every weight
-    load_model_weights(model, state, checkpoint_path, config["arch"]["type"], dataset_class(config).num_classes())
-    return Predictor(model, meta, device), config
+        model, meta, config, section = load_trained(config_path, model_path)
+        forward = Normalized(model, meta["mean"], meta["std"])
+    settings = inference_settings({**(section or {}), **_mode_flags(args)})
+    return Predictor(forward, meta, device, settings), config
 
 
-def run(args: argparse.Namespace) -> dict | None:
-    device = select_device(args.device)
-    images = list_images(Path(args.images), args.extension)
-    label_dir = Path(args.labels) if args.labels else None
-    if label_dir is not None and not label_dir.is_dir():
-        raise DataError(f"{label_dir}: label folder does not exist")
-    out_dir = Path(args.output)
-    if out_dir.resolve() in (Path(args.images).resolve(), label_dir and label_dir.resolve()):
-        raise ConfigError(f"-o {out_dir}: the output folder must not be the image or label folder "
-                          "(predictions would overwrite them)")
-    predictor, config = load_predictor(args.config, args.model, device)
-    meta = predictor.meta
-    make_dir(out_dir, "-o")
+def _mode_flags(args: argparse.Namespace | None) -> dict:
+    if args is None:
+        return {}
+    flags = {"mode": args.mode, "tile": args.tile, "overlap": args.overlap, "scales": args.scales,
+             "flip": args.flip, "batch_size": args.batch_size, "amp": args.amp}
+    return {key: value for key, value in flags.items() if value is not None}
 
-    confusion = lut = None
-    if label_dir is not None:
-        labels = {path: find_label(label_dir, path.stem) for path in images}  # fail before predicting
-        confusion = ConfusionMatrix(meta["num_classes"], meta["ignore_index"])
-        lut = dataset_class(config).label_lut(meta["ignore_index"])
-    names = output_names(images)
-    for path in tqdm(images, desc="inference", disable=None):
-        image = read_image(path)
-        pred = predictor.predict(image)
-        save_palette_png(pred, meta["palette"], out_dir / f"{names[path]}.png")
-        blended = overlay(image, pred, meta["palette"], args.alpha)
-        save_rgb_png(blended, out_dir / f"{names[path]}_overlay.png")
-        if confusion is not None:
-            label_path = labels[path]
-            label = apply_label_lut(read_label(label_path), lut, str(label_path), meta["num_classes"])
-            if label.shape != pred.shape:
-                raise DataError(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but image {path} "
-                                f"is {pred.shape[1]}x{pred.shape[0]} (width x height)")
-            confusion.update(torch.from_numpy(pred), torch.from_numpy(label))
-    print(f"Wrote {2 * len(images)} files to {out_dir}")
-    if confusion is None:
-        return None
-    results = {"num_images": len(images), **segmentation_metrics(confusion.matrix, meta["class_names"])}
-    write_json(results, out_dir / "results.json")
-    (out_dir / "results.txt").write_text(format_results(results, meta["class_names"]))
-    print(format_results(results, meta["class_names"]), end="")
-    return results
+
+def label_id_mapper(meta: dict):
+    """Class index map -> the data set's label ids: its ``to_label_ids``, else the inverse of its label_map."""
+    cls = DATASETS.get(meta["dataset"])
+    if hasattr(cls, "to_label_ids"):
+        return cls.to_label_ids
+    raw_of: dict[int, list[int]] = {}
+    for raw, index in (cls.label_map or {i: i for i in range(meta["num_classes"])}).items():
+        if index is not None:
+            raw_of.setdefault(index, []).append(raw)
+    if sorted(raw_of) != list(range(meta["num_classes"])) or any(len(v) > 1 for v in raw_of.values()):
+        raise ConfigError(f"--label-ids: {meta['dataset']} maps several label values to one class, so "
+                          "label ids cannot be recovered from a prediction")
+    table = np.array([raw_of[i][0] for i in range(meta["num_classes"])], dtype=np.uint8)
+    return lambda pred: table[pred]
+
+
+# --- outputs --------------------------------------------------------------------------------------
+class Writer:
+    """Writes the per-image files asked for; counts them."""
+
+    def __init__(self, out_dir: Path, meta: dict, args: argparse.Namespace) -> None:
+        self.out_dir, self.meta, self.args = out_dir, meta, args
+        self.to_label_ids = label_id_mapper(meta) if args.label_ids else None
+        self.count = 0
+
+    def write(self, name: Path, image: np.ndarray, probs: torch.Tensor) -> np.ndarray:
+        """Write the outputs of one image; returns its class-index map."""
+        confidence, pred = probs.max(dim=0)
+        pred = remove_small_clusters(pred.numpy().astype(np.uint8), self.args.min_cluster)
+        base = self.out_dir / name
+        base.parent.mkdir(parents=True, exist_ok=True)
+        palette = self.meta["palette"]
+        save_palette_png(pred, palette, f"{base}.png")
+        save_rgb_png(overlay(image, pred, palette, self.args.alpha), f"{base}_overlay.png")
+        self.count += 2
+        if self.to_label_ids is not None:
+            cv2.imwrite(f"{base}_labelIds.png", self.to_label_ids(pred))
+            self.count += 1
+        if self.args.confidence:
+            cv2.imwrite(f"{base}_confidence.png", (confidence.numpy() * 255).round().astype(np.uint8))
+            self.count += 1
+        if self.args.probs:
+            np.save(f"{base}_probs.npy", probs.numpy().astype(np.float16))  # half the size; 3 digits suffice
+            self.count += 1
+        return pred
+
+
+class Report:
+    """The folder's confusion matrix, and each image's mIoU for the worst-images list."""
+
+    def __init__(self, meta: dict, label_dir: Path, worst: int) -> None:
+        self.meta = meta
+        self.label_dir = label_dir
+        self.confusion = ConfusionMatrix(meta["num_classes"], meta["ignore_index"])
+        dataset = DATASETS.get(meta["dataset"])
+        self.lut = dataset.label_lut(meta["ignore_index"])
+        self.worst = worst
+        self.scores: list[tuple[float, str, str, str]] = []  # (mIoU, image, label, prediction)
+        # The Cityscapes benchmark's own scores (iIoU needs the *_instanceIds.png beside each label).
+        self.benchmark = CityscapesEvaluator(meta["ignore_index"]) if issubclass(dataset, Cityscapes) else None
+
+    def label_path(self, image: Path, name: Path) -> Path:
+        return find_label(self.label_dir / name.parent, image.stem)
+
+    def add(self, image: Path, label_path: Path, pred: np.ndarray, prediction_file: Path) -> None:
+        label = apply_label_lut(read_label(label_path), self.lut, str(label_path), self.meta["num_classes"])
+        if label.shape != pred.shape:
+            raise DataError(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but image {image} "
+                            f"is {pred.shape[1]}x{pred.shape[0]} (width x height)")
+        one = ConfusionMatrix(self.meta["num_classes"], self.meta["ignore_index"])
+        one.update(torch.from_numpy(pred), torch.from_numpy(label))
+        self.confusion.matrix += one.matrix
+        if self.benchmark is not None:
+            instances = Path(str(label_path).replace("_labelIds", "_instanceIds"))
+            self.benchmark.update(pred, label, read_label(instances) if instances != label_path and
+                                  instances.is_file() else None)
+        if not one.matrix.sum():  # nothing labelled: no score to rank
+            return
+        item = (-segmentation_metrics(one.matrix)["mIoU"], str(image), str(label_path), str(prediction_file))
+        # Keep only the `worst` lowest: a bounded heap of negated scores.
+        if len(self.scores) < self.worst:
+            heapq.heappush(self.scores, item)
+        elif self.worst:
+            heapq.heappushpop(self.scores, item)
+
+    def finish(self, out_dir: Path, num_images: int) -> dict:
+        names = self.meta["class_names"]
+        worst = sorted(self.scores, reverse=True)
+        results = {"num_images": num_images, **segmentation_metrics(self.confusion.matrix, names),
+                   "worst_images": [{"image": image, "mIoU": -score} for score, image, _, _ in worst]}
+        if self.benchmark is not None:
+            scores = self.benchmark.result()
+            results["cityscapes"] = {"iIoU": _finite(scores["iIoU"]),
+                                     "class_iiou": {k: _finite(v) for k, v in scores["class_iiou"].items()}}
+        write_json(results, out_dir / "results.json")
+        (out_dir / "results.txt").write_text(format_results(results, names))
+        save_confusion_plot(self.confusion.matrix.numpy(), names, out_dir / "confusion_matrix.png")
+        if worst:
+            (out_dir / "worst").mkdir(exist_ok=True)
+        for rank, (_, image, label, prediction) in enumerate(worst, start=1):
+            pixels = read_image(image)
+            truth = apply_label_lut(read_label(label), self.lut, label, self.meta["num_classes"])
+            pred = read_label(prediction)
+            palette, ignore = self.meta["palette"], self.meta["ignore_index"]
+            row = np.concatenate([pixels, colorize(truth, palette, ignore), colorize(pred, palette, ignore)], 1)
+            save_rgb_png(row, out_dir / "worst" / f"{rank:02d}_{Path(image).stem}.png")
+        return results
 
 
 def format_results(results: dict, class_names: list[str]) -> str:
-    """A plain-text table of the folder's metrics."""
+    """A plain-text table of the folder's metrics and its worst images."""
     lines = [f"images         {results['num_images']}",
              f"pixel accuracy {results['pixel_acc']:.4f}",
              f"mean accuracy  {results['mean_acc']:.4f}",
@@ -164,6 +318,14 @@ def format_results(results: dict, class_names: list[str]) -> str:
         lines.append(f"{name:<20}{_cell(iou):>8}{_cell(acc):>10}")
     lines.append("(- : no IoU when a class is in neither labels nor predictions, no accuracy when it is not "
                  "in the labels; such classes are left out of the means)")
+    if "cityscapes" in results:
+        iiou = results["cityscapes"]["iIoU"]
+        lines += ["", f"iIoU           {_cell(iiou)}  (Cityscapes benchmark, instance classes"
+                      f"{'' if iiou is not None else '; needs the *_instanceIds.png beside the labels'})"]
+        lines += [f"{name:<20}{_cell(v):>8}" for name, v in results["cityscapes"]["class_iiou"].items()]
+    if results["worst_images"]:
+        lines += ["", "worst images (mIoU of the image alone; see worst/: image | ground truth | prediction)"]
+        lines += [f"{item['mIoU']:.4f}  {item['image']}" for item in results["worst_images"]]
     return "\n".join(lines) + "\n"
 
 
@@ -171,15 +333,124 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: a score that does not exist is null."""
+    return None if math.isnan(value) else value
+
+
+# --- running --------------------------------------------------------------------------------------
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def run_images(predictor: Predictor, images: list[Path], root: Path, out_dir: Path,
+               args: argparse.Namespace) -> int:
+    """Predict every image; returns how many could not be read."""
+    label_dir = Path(args.labels) if args.labels else None
+    names = output_names(images, root)
+    report = Report(predictor.meta, label_dir, args.worst) if label_dir is not None else None
+    labels = {path: report.label_path(path, names[path]) for path in images} if report else {}  # fail early
+    writer = Writer(out_dir, predictor.meta, args)
+    failed = []
+    with tqdm(total=len(images), desc="inference", unit="img", disable=None) as bar:
+        for chunk in _chunks(images, predictor.settings.batch_size):
+            loaded = []
+            for path in chunk:
+                try:
+                    loaded.append((path, read_image(path)))
+                except DataError as exc:
+                    failed.append(path)
+                    tqdm.write(f"warning: skipped {user_message(exc)}", file=sys.stderr)
+            for (path, image), probs in zip(loaded, predictor.probabilities([image for _, image in loaded])):
+                pred = writer.write(names[path], image, probs)
+                if report is not None:
+                    report.add(path, labels[path], pred, out_dir / f"{names[path]}.png")
+            bar.update(len(chunk))
+    print(f"Wrote {writer.count} files to {out_dir}")
+    if report is not None:
+        results = report.finish(out_dir, len(images) - len(failed))
+        print(format_results(results, predictor.meta["class_names"]), end="")
+    if failed:
+        print(f"error: {len(failed)} of {len(images)} image(s) could not be read and were skipped: "
+              f"{', '.join(str(p) for p in failed[:5])}{', ...' if len(failed) > 5 else ''}", file=sys.stderr)
+    return len(failed)
+
+
+def run_video(predictor: Predictor, video: Path, out_dir: Path, args: argparse.Namespace) -> None:
+    """Write ``<stem>_overlay.<ext>``: every frame blended with its prediction, at the source frame rate."""
+    if args.labels:
+        raise ConfigError("--labels scores image folders; it does not apply to a video")
+    capture = cv2.VideoCapture(str(video))
+    if not capture.isOpened():
+        raise DataError(f"{video}: not a readable video")
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    target = out_dir / f"{video.stem}_overlay.{_suffix(video)}"
+    writer = None
+    palette = predictor.meta["palette"]
+    try:
+        with tqdm(total=frames, desc="inference", unit="frame", disable=None) as bar:
+            while True:
+                batch = []
+                while len(batch) < predictor.settings.batch_size:
+                    ok, frame = capture.read()
+                    if not ok:
+                        break
+                    batch.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+                if not batch:
+                    break
+                for image, probs in zip(batch, predictor.probabilities(batch)):
+                    pred = remove_small_clusters(probs.argmax(dim=0).numpy().astype(np.uint8), args.min_cluster)
+                    if writer is None:
+                        writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*FOURCC[_suffix(video)]), fps,
+                                                 (image.shape[1], image.shape[0]))
+                        if not writer.isOpened():
+                            raise DataError(f"{target}: OpenCV cannot write this video (codec "
+                                            f"{FOURCC[_suffix(video)]})")
+                    writer.write(cv2.cvtColor(overlay(image, pred, palette, args.alpha), cv2.COLOR_RGB2BGR))
+                bar.update(len(batch))
+    finally:
+        capture.release()
+        if writer is not None:
+            writer.release()
+    if writer is None:
+        raise DataError(f"{video}: the video has no readable frame")
+    print(f"Wrote {target}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Predict ``args.images``; returns the number of images that could not be read."""
+    for option, value in (("--min-cluster", args.min_cluster), ("--worst", args.worst)):
+        if value < 0:
+            raise ConfigError(f"{option} {value}: expected a count >= 0")
+    device = select_device(args.device)
+    source, out_dir = Path(args.images), Path(args.output)
+    label_dir = Path(args.labels) if args.labels else None
+    if label_dir is not None and not label_dir.is_dir():
+        raise DataError(f"{label_dir}: label folder does not exist")
+    if out_dir.resolve() in (source.resolve(), label_dir and label_dir.resolve()):
+        raise ConfigError(f"-o {out_dir}: the output folder must not be the image or label folder "
+                          "(predictions would overwrite them)")
+    is_video = source.is_file() and _suffix(source) in VIDEO_EXTENSIONS
+    images, root = (None, None) if is_video else collect_inputs(source, args.extension)
+    predictor, _ = load_predictor(args.config, args.model, device, args)
+    make_dir(out_dir, "-o")
+    if is_video:
+        run_video(predictor, source, out_dir, args)
+        return 0
+    return run_images(predictor, images, root, out_dir, args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code."""
+    """Command-line entry point; returns the exit code (1 when some images could not be read)."""
     args = parse_args(argv)
     try:
-        run(args)
+        failed = run(args)
     except UserError as exc:
         print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -202,11 +202,18 @@ def test_inference_errors(trained, image_folder, tmp_path, capsys):
     assert inference.main(["-c", config_path, "-m", str(broken), "-i", str(images), "-o", str(tmp_path / "o")]) == 2
     assert f"{broken}: not a readable checkpoint" in one_line_error(capsys)
 
+    # An unreadable image is named and skipped; the others are written; the exit code says so.
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "a.png").write_bytes(b"\x89PNG not really")
-    assert inference.main(base + ["-i", str(corrupt)]) == 2
-    assert f"{corrupt / 'a.png'}: not a readable image" in one_line_error(capsys)
+    cv2.imwrite(str(corrupt / "b.png"), np.zeros((32, 32, 3), np.uint8))
+    (corrupt / "notes.md").write_text("not an image")
+    assert inference.main(base + ["-i", str(corrupt), "-o", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert "warning: skipped 1 file(s) that are not images: notes.md" in err
+    assert f"warning: skipped {corrupt / 'a.png'}: not a readable image" in err
+    assert f"error: 1 of 2 image(s) could not be read and were skipped: {corrupt / 'a.png'}" in err
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["b.png", "b_overlay.png"]
 
     Image.fromarray(np.full((32, 32), 9, np.uint8)).save(labels / "img1.png")
     assert inference.main(base + ["-i", str(images), "--labels", str(labels)]) == 2
@@ -363,3 +370,185 @@ def test_inference_does_not_need_imagenet_weights(tmp_path, tiny_config, image_f
     capsys.readouterr()
     assert train.main(["-c", config]) == 2
     assert f"weights_path {tmp_path / 'absent.pth'} does not exist" in one_line_error(capsys)
+
+
+# --- inference: inputs, outputs, modes, report ---------------------------------------------------------
+def _random_image(path: Path, height: int, width: int, seed: int) -> np.ndarray:
+    image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), image[..., ::-1])
+    return image
+
+
+def test_inference_inputs_folder_tree_list_file_and_single_image(trained, tmp_path, capsys):
+    config_path, run_dir = trained
+    checkpoint = str(run_dir / "best_model.pth")
+    images = tmp_path / "images"
+    _random_image(images / "a.png", 32, 32, 0)
+    b = _random_image(images / "sub" / "b.png", 24, 40, 1)
+    _random_image(images / "sub" / "deeper" / "c.png", 32, 32, 2)
+    (images / "sub" / "notes.md").write_text("not an image")
+    out = tmp_path / "out"
+    assert inference.main(["-m", checkpoint, "-i", str(images), "-o", str(out), "--batch-size", "2"]) == 0
+    assert "warning: skipped 1 file(s) that are not images: sub/notes.md" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == [
+        "a.png", "a_overlay.png", "sub/b.png", "sub/b_overlay.png", "sub/deeper/c.png", "sub/deeper/c_overlay.png"]
+    predictor, _ = inference.load_predictor(None, checkpoint, torch.device("cpu"))
+    assert np.array_equal(np.array(Image.open(out / "sub" / "b.png")), predictor.predict(b))
+
+    listed = tmp_path / "list.txt"
+    listed.write_text("images/sub/b.png\n\n# a comment\nimages/sub/deeper/c.png\n")
+    assert inference.main(["-m", checkpoint, "-i", str(listed), "-o", str(tmp_path / "from_list")]) == 0
+    assert sorted(str(p.relative_to(tmp_path / "from_list")) for p in (tmp_path / "from_list").rglob("*.png")) \
+        == ["b.png", "b_overlay.png", "deeper/c.png", "deeper/c_overlay.png"]
+
+    assert inference.main(["-m", checkpoint, "-i", str(images / "sub" / "b.png"), "-o", str(tmp_path / "one")]) == 0
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["b.png", "b_overlay.png"]
+    assert np.array_equal(np.array(Image.open(tmp_path / "one" / "b.png")), predictor.predict(b))
+
+    capsys.readouterr()
+    assert inference.main(["-m", checkpoint, "-i", str(images / "sub" / "notes.md"), "-o", str(tmp_path / "x")]) == 2
+    assert "notes.md: not an image (png, jpg" in one_line_error(capsys)
+
+
+def test_inference_modes_and_extra_outputs(trained, tmp_path):
+    from utils.predict import InferenceSettings, Predictor, remove_small_clusters
+
+    config_path, run_dir = trained
+    checkpoint = str(run_dir / "best_model.pth")
+    images = tmp_path / "images"
+    image = _random_image(images / "a.png", 40, 56, 3)
+    out = tmp_path / "out"
+    assert inference.main(["-m", checkpoint, "-i", str(images), "-o", str(out), "--mode", "sliding", "--tile", "24",
+                           "32", "--overlap", "0.5", "--flip", "--batch-size", "3", "--label-ids", "--confidence",
+                           "--probs"]) == 0
+    base, _ = inference.load_predictor(None, checkpoint, torch.device("cpu"))
+    settings = InferenceSettings(mode="sliding", tile=(24, 32), overlap=0.5, flip=True, batch_size=3)
+    probs = Predictor(base.forward, base.meta, torch.device("cpu"), settings).probabilities([image])[0]
+    saved = np.load(out / "a_probs.npy")
+    assert saved.dtype == np.float16 and saved.shape == (5, 40, 56)
+    assert np.abs(saved.astype(np.float32) - probs.numpy()).max() < 1e-3
+    pred = probs.argmax(0).numpy()
+    assert np.array_equal(np.array(Image.open(out / "a.png")), pred)
+    assert np.array_equal(cv2.imread(str(out / "a_labelIds.png"), cv2.IMREAD_UNCHANGED), pred)  # identity ids
+    confidence = cv2.imread(str(out / "a_confidence.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(confidence, (probs.max(0).values.numpy() * 255).round().astype(np.uint8))
+    # Small-cluster cleanup on the same prediction.
+    assert inference.main(["-m", checkpoint, "-i", str(images), "-o", str(tmp_path / "clean"), "--mode", "sliding",
+                           "--tile", "24", "32", "--overlap", "0.5", "--flip", "--min-cluster", "30"]) == 0
+    assert np.array_equal(np.array(Image.open(tmp_path / "clean" / "a.png")),
+                          remove_small_clusters(pred.astype(np.uint8), 30))
+
+
+def test_inference_section_of_the_config(trained, tmp_path, tiny_config, capsys):
+    from utils.predict import InferenceSettings, Predictor
+
+    _, run_dir = trained
+    checkpoint = str(run_dir / "best_model.pth")
+    image = _random_image(tmp_path / "images" / "a.png", 40, 40, 4)
+    tiny_config["inference"] = {"mode": "multiscale", "scales": [0.75, 1.0], "flip": True}
+    config = write_config(tmp_path, tiny_config)
+    assert inference.main(["-c", config, "-m", checkpoint, "-i", str(tmp_path / "images"),
+                           "-o", str(tmp_path / "out")]) == 0
+    base, _ = inference.load_predictor(None, checkpoint, torch.device("cpu"))
+    expected = Predictor(base.forward, base.meta, torch.device("cpu"),
+                         InferenceSettings(mode="multiscale", scales=(0.75, 1.0), flip=True)).predict(image)
+    assert np.array_equal(np.array(Image.open(tmp_path / "out" / "a.png")), expected)
+    tiny_config["inference"] = {"mode": "sliding", "tiles": [16, 16]}
+    config = write_config(tmp_path, tiny_config, "bad.json")
+    assert inference.main(["-c", config, "-m", checkpoint, "-i", str(tmp_path / "images"),
+                           "-o", str(tmp_path / "out")]) == 2
+    assert "inference.tiles: unknown key. Did you mean 'tile'?" in one_line_error(capsys)
+    assert inference.main(["-m", checkpoint, "-i", str(tmp_path / "images"), "-o", str(tmp_path / "out"),
+                           "--mode", "sliding"]) == 2
+    assert "sliding mode needs the tile size [height, width] (--tile H W)" in one_line_error(capsys)
+    assert inference.main(["-m", checkpoint, "-i", str(tmp_path / "images"), "-o", str(tmp_path / "out"),
+                           "--min-cluster", "-5"]) == 2
+    assert "--min-cluster -5: expected a count >= 0" in one_line_error(capsys)
+
+
+def test_inference_report_confusion_plot_and_worst_images(trained, image_folder, tmp_path):
+    config_path, run_dir = trained
+    images, labels = image_folder
+    out = tmp_path / "out"
+    assert inference.main(["-c", config_path, "-m", str(run_dir / "best_model.pth"), "-i", str(images),
+                           "-o", str(out), "--labels", str(labels), "--worst", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    predictor, _ = inference.load_predictor(config_path, str(run_dir / "best_model.pth"), torch.device("cpu"))
+    scores = {}
+    for i in range(3):
+        one = ConfusionMatrix(5)
+        image = cv2.imread(str(images / f"img{i}.png"))[..., ::-1]
+        one.update(torch.from_numpy(predictor.predict(image)), torch.from_numpy(make_sample(0, "val", i, 32)[1]).long())
+        scores[str(images / f"img{i}.png")] = segmentation_metrics(one.matrix)["mIoU"]
+    worst = sorted(scores.items(), key=lambda item: item[1])[:2]
+    assert [(w["image"], pytest.approx(w["mIoU"])) for w in results["worst_images"]] == \
+        [(name, pytest.approx(score)) for name, score in worst]
+    assert f"{worst[0][1]:.4f}  {worst[0][0]}" in (out / "results.txt").read_text()
+    shown = sorted((out / "worst").iterdir())
+    assert [p.name for p in shown] == [f"01_{Path(worst[0][0]).stem}.png", f"02_{Path(worst[1][0]).stem}.png"]
+    assert Image.open(shown[0]).size == (96, 32)  # image | ground truth | prediction
+    assert Image.open(out / "confusion_matrix.png").format == "PNG"
+
+
+@pytest.mark.parametrize("extension", ["mp4", "avi"])
+def test_inference_on_a_video_keeps_frames_and_frame_rate(trained, tmp_path, extension):
+    _, run_dir = trained
+    video = tmp_path / f"clip.{extension}"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*inference.FOURCC[extension]), 7.0, (40, 32))
+    for i in range(5):
+        writer.write(np.random.default_rng(i).integers(0, 256, (32, 40, 3), dtype=np.uint8))
+    writer.release()
+    out = tmp_path / "out"
+    assert inference.main(["-m", str(run_dir / "best_model.pth"), "-i", str(video), "-o", str(out),
+                           "--batch-size", "2"]) == 0
+    result = cv2.VideoCapture(str(out / f"clip_overlay.{extension}"))
+    frames = []
+    while True:
+        ok, frame = result.read()
+        if not ok:
+            break
+        frames.append(frame)
+    assert result.get(cv2.CAP_PROP_FPS) == pytest.approx(7.0)
+    assert len(frames) == 5 and frames[0].shape == (32, 40, 3)
+
+
+def test_inference_report_on_cityscapes_names_has_iiou_and_label_ids(tmp_path):
+    from dataloader.cityscapes import TRAIN_TO_LABEL_ID, Cityscapes
+    from tests.test_export import make_checkpoint
+    from utils.cityscapes_eval import CityscapesEvaluator
+
+    loader = {"type": "Cityscapes", "args": {"data_dir": str(tmp_path / "absent"), "batch_size": 2}}
+    config, checkpoint = make_checkpoint(tmp_path, {"type": "UNet", "args": {"base_channels": 4, "depth": 2}},
+                                         loader)
+    images, labels = tmp_path / "leftImg8bit" / "val" / "aachen", tmp_path / "gtFine" / "val" / "aachen"
+    labels.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        stem = f"aachen_000000_00001{i}"
+        _random_image(images / f"{stem}_leftImg8bit.png", 32, 48, i)
+        label = rng.choice([0, 7, 8, 11, 24, 26], size=(32, 48)).astype(np.uint8)
+        instances = label.astype(np.uint16)
+        instances[label == 26] = 26000 + i + 1  # one car, one person instance per image
+        instances[label == 24] = 24001
+        Image.fromarray(label).save(labels / f"{stem}_gtFine_labelIds.png")
+        cv2.imwrite(str(labels / f"{stem}_gtFine_instanceIds.png"), instances)
+    out = tmp_path / "out"
+    assert inference.main(["-c", config, "-m", checkpoint, "-i", str(tmp_path / "leftImg8bit" / "val"),
+                           "-o", str(out), "--labels", str(tmp_path / "gtFine" / "val"), "--label-ids"]) == 0
+    expected = CityscapesEvaluator()
+    for i in range(2):
+        stem = f"aachen_000000_00001{i}"
+        pred = np.array(Image.open(out / "aachen" / f"{stem}_leftImg8bit.png"))
+        ids = cv2.imread(str(out / "aachen" / f"{stem}_leftImg8bit_labelIds.png"), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(ids, np.asarray(TRAIN_TO_LABEL_ID)[pred])
+        train_ids = Cityscapes.label_lut(255)[np.array(Image.open(labels / f"{stem}_gtFine_labelIds.png"))]
+        expected.update(pred, train_ids,
+                        cv2.imread(str(labels / f"{stem}_gtFine_instanceIds.png"), cv2.IMREAD_UNCHANGED))
+    results = json.loads((out / "results.json").read_text())
+    want = expected.result()
+    assert not np.isnan(want["iIoU"])
+    assert results["cityscapes"]["iIoU"] == pytest.approx(want["iIoU"])
+    assert set(results["cityscapes"]["class_iiou"]) == {"person", "rider", "car", "truck", "bus", "train",
+                                                        "motorcycle", "bicycle"}
+    assert f"iIoU           {want['iIoU']:.4f}" in (out / "results.txt").read_text()

@@ -331,3 +331,13 @@ def test_torchrun_mid_epoch_resume_keeps_the_epoch_loss(tmp_path, tiny_config):
     summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("straight", "stopped")]
     assert summaries[1]["last_metrics"]["train_loss"] == pytest.approx(summaries[0]["last_metrics"]["train_loss"],
                                                                        rel=1e-6)
+
+
+def test_normalising_a_float_batch_leaves_it_unchanged():
+    from base.base_dataset import normalize_batch
+
+    images = torch.rand(2, 4, 5, 3) * 255
+    before = images.clone()
+    out = normalize_batch(images, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert torch.equal(images, before)
+    assert torch.allclose(out, (before.permute(0, 3, 1, 2) / 255 - 0.5) / 0.25, atol=1e-6)

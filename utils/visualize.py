@@ -54,3 +54,35 @@ def prediction_grid(images: torch.Tensor, targets: torch.Tensor, preds: torch.Te
         rows.append(np.concatenate([image.cpu().numpy(), colorize(target.cpu().numpy(), palette, ignore_index),
                                     colorize(pred.cpu().numpy(), palette, ignore_index)], axis=1))
     return np.concatenate(rows, axis=0).transpose(2, 0, 1)
+
+
+def save_confusion_plot(confusion: np.ndarray, class_names: Sequence[str], path: str | Path) -> None:
+    """Save the confusion matrix normalised by rows (each ground-truth class sums to 1) as a PNG.
+
+    Cell ``(i, j)`` is the fraction of class ``i``'s pixels predicted as ``j``, so
+    the diagonal is each class's accuracy; classes without ground truth are blank.
+    """
+    import matplotlib
+    matplotlib.use("Agg")  # files only; no display needed
+    from matplotlib import pyplot as plt
+
+    counts = np.asarray(confusion, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, totals, out=np.full_like(counts, np.nan), where=totals > 0)
+    size = max(4.0, 0.45 * len(class_names) + 2)
+    figure, axes = plt.subplots(figsize=(size + 1, size))
+    shown = axes.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04)
+    ticks = np.arange(len(class_names))
+    axes.set_xticks(ticks, class_names, rotation=90)
+    axes.set_yticks(ticks, class_names)
+    axes.set_xlabel("prediction")
+    axes.set_ylabel("ground truth")
+    if len(class_names) <= 30:  # numbers stay legible
+        for i, j in zip(*np.nonzero(np.isfinite(normalised))):
+            value = normalised[i, j]
+            axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                      color="white" if value > 0.5 else "black")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

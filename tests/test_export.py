@@ -1,0 +1,186 @@
+"""ONNX and TorchScript export (utils.export): the written files run and match PyTorch."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+import inference
+from base.base_dataset import read_image
+from tests.conftest import CAMVID_DIR, TINY_CONFIG
+from utils import export
+from utils.build import build_model, dataset_meta
+from utils.checkpoint import save_atomic
+from utils.config import load_config
+from utils.predict import Normalized
+
+
+def camvid_image() -> Path | None:
+    images = sorted((CAMVID_DIR / "val").glob("*.png")) if CAMVID_DIR.is_dir() else []
+    return images[0] if images else None
+
+
+def make_checkpoint(tmp_path: Path, arch: dict, train_loader: dict | None = None) -> tuple[str, str]:
+    """A config and a checkpoint of a seeded, untrained ``arch`` (what export and inference need from a run)."""
+    config = copy.deepcopy(TINY_CONFIG)
+    config["arch"] = arch
+    if train_loader is not None:
+        config["train_loader"], config["val_loader"] = train_loader, None
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config))
+    resolved = load_config(config_path)
+    torch.manual_seed(0)
+    model = build_model(resolved)
+    classifier = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))][-1]
+    with torch.no_grad():
+        classifier.weight.mul_(50)  # confident logits: predictions that differ from pixel to pixel and by mode
+    state = {"model": model.state_dict(), "config": resolved, "meta": dataset_meta(resolved),
+             "arch": arch["type"], "num_classes": len(resolved_classes(resolved))}
+    save_atomic(state, tmp_path / "model.pth")
+    return str(config_path), str(tmp_path / "model.pth")
+
+
+def resolved_classes(config: dict) -> tuple[str, ...]:
+    return dataset_meta(config)["class_names"]
+
+
+def export_args(config: str, checkpoint: str, out: Path, *extra: str) -> list[str]:
+    image = camvid_image()
+    return ["-c", config, "-m", checkpoint, "-o", str(out), *(["--image", str(image)] if image else []), *extra]
+
+
+UNET = {"type": "UNet", "args": {"base_channels": 4, "depth": 2}}
+
+
+def test_unet_to_onnx_with_uint8_input_runs_in_onnxruntime_and_inference(tmp_path, capsys):
+    config, checkpoint = make_checkpoint(tmp_path, UNET)
+    out = tmp_path / "unet.onnx"
+    assert export.main(export_args(config, checkpoint, out, "--format", "onnx", "--size", "64", "96",
+                                   "--dynamic", "--input", "uint8")) == 0
+    printed = capsys.readouterr().out
+    assert "at 64x96: max |logit difference|" in printed and "at 96x160" in printed
+    # The file runs by itself on an image of a third size, and matches PyTorch.
+    image = read_image(camvid_image()) if camvid_image() else np.random.default_rng(0).integers(
+        0, 256, (120, 160, 3), dtype=np.uint8)
+    image = cv2.resize(image, (90, 60))
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    got = session.run(None, {"image": image.transpose(2, 0, 1)[None].copy()})[0]
+    model, meta, _, _ = export.load_trained(config, checkpoint)
+    with torch.no_grad():
+        expected = Normalized(model, meta["mean"], meta["std"])(torch.from_numpy(image).permute(2, 0, 1)[None].float())
+    assert got.shape == (1, 5, 60, 90)
+    assert np.abs(got - expected.numpy()).max() < 1e-4
+    # inference.py runs the file (classes from its metadata) like the checkpoint.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), image[..., ::-1])
+    def probs(model: str, name: str, *mode: str) -> np.ndarray:
+        assert inference.main(["-m", model, "-i", str(folder), "-o", str(tmp_path / name), "--probs", *mode]) == 0
+        return np.load(tmp_path / name / "a_probs.npy").astype(np.float32)
+
+    whole = probs(str(out), "onnx_out")
+    assert np.abs(whole - probs(checkpoint, "torch_out")).max() < 2e-3  # float16 files
+    # Every mode runs the file: sliding tiles of another size than the export's, and flip.
+    sliding = ("--mode", "sliding", "--tile", "32", "48", "--flip")
+    tiles = probs(str(out), "onnx_tiles", *sliding)
+    assert np.abs(tiles - probs(checkpoint, "torch_tiles", *sliding)).max() < 2e-3
+    assert np.abs(tiles - whole).max() > 0.1  # the mode did change the prediction
+
+
+def test_fixed_size_onnx_refuses_other_sizes(tmp_path, capsys):
+    config, checkpoint = make_checkpoint(tmp_path, UNET)
+    out = tmp_path / "fixed.onnx"
+    # Without --image the check runs on the first image of the config's validation set.
+    assert export.main(["-c", config, "-m", checkpoint, "-o", str(out), "--format", "onnx", "--size", "32", "48"]) == 0
+    assert "verified on " in capsys.readouterr().out
+    assert onnxruntime.InferenceSession(str(out)).get_inputs()[0].shape == ["batch", 3, 32, 48]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.zeros((40, 40, 3), np.uint8))
+    capsys.readouterr()
+    assert inference.main(["-m", str(out), "-i", str(folder), "-o", str(tmp_path / "o")]) == 2
+    assert "the file takes 32x48 images only (exported without --dynamic), got 40x40" in capsys.readouterr().err
+
+
+def test_unet_to_torchscript_with_float_input(tmp_path):
+    config, checkpoint = make_checkpoint(tmp_path, UNET)
+    out = tmp_path / "unet.pt"
+    assert export.main(export_args(config, checkpoint, out, "--format", "torchscript", "--size", "32", "32",
+                                   "--dynamic", "--input", "float")) == 0
+    files = {"meta.json": ""}
+    loaded = torch.jit.load(str(out), _extra_files=files)
+    meta = json.loads(files["meta.json"])
+    assert meta["input"] == "float" and meta["class_names"][:2] == ["background", "disk"]
+    x = torch.rand(2, 3, 40, 24)
+    model, meta, _, _ = export.load_trained(config, checkpoint)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), Normalized(model, meta["mean"], meta["std"], 1.0)(x), atol=1e-5)
+
+
+def test_verification_fails_when_the_file_differs(tmp_path):
+    config, checkpoint = make_checkpoint(tmp_path, UNET)
+    out = tmp_path / "unet.onnx"
+    assert export.main(export_args(config, checkpoint, out, "--format", "onnx", "--size", "32", "32")) == 0
+    model, meta, _, _ = export.load_trained(config, checkpoint)
+    with torch.no_grad():
+        model.head.bias.add_(1.0)  # now PyTorch predicts something else than the file
+    meta = {**meta, "input": "normalized"}
+    image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    with pytest.raises(export.VerificationError, match="differ from PyTorch's by 1"):
+        export.verify(export.export_module(model, meta, "normalized"), out, "onnx", image, meta, [(32, 32)], 1e-3)
+
+
+@pytest.mark.slow
+def test_deeplabv3plus_to_onnx_dynamic(tmp_path, capsys):
+    config, checkpoint = make_checkpoint(tmp_path, {"type": "DeepLabV3Plus", "args": {"backbone": "resnet18"}})
+    out = tmp_path / "deeplab.onnx"
+    assert export.main(export_args(config, checkpoint, out, "--format", "onnx", "--size", "64", "64",
+                                   "--dynamic")) == 0
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, 48, 80)
+    model, _, _, _ = export.load_trained(config, checkpoint)
+    with torch.no_grad():
+        expected = model(x)["out"].numpy()
+    assert np.abs(session.run(None, {"image": x.numpy()})[0] - expected).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_enet_to_torchscript_and_not_onnx(tmp_path, capsys):
+    config, checkpoint = make_checkpoint(tmp_path, {"type": "ENet"})
+    out = tmp_path / "enet.pt"
+    assert export.main(export_args(config, checkpoint, out, "--format", "torchscript", "--size", "64", "64",
+                                   "--dynamic")) == 0
+    loaded = torch.jit.load(str(out))
+    model, _, _, _ = export.load_trained(config, checkpoint)
+    x = torch.randn(1, 3, 48, 80)  # multiples of 8: the size tracing keeps unpadded
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x)["out"], atol=1e-4)
+    capsys.readouterr()
+    assert export.main(export_args(config, checkpoint, tmp_path / "enet.onnx", "--format", "onnx")) == 2
+    err = capsys.readouterr().err
+    assert "max_unpool2d" in err and "use --format torchscript" in err
+
+
+class FrozenSize(torch.nn.Module):
+    """Adds a tensor whose size tracing records as a constant: right at the example size only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :2] + torch.ones(int(x.shape[2]), int(x.shape[3]))
+
+
+def test_verification_catches_a_size_frozen_by_tracing(tmp_path):
+    meta = {"input": "normalized", "mean": [0.5] * 3, "std": [0.25] * 3}
+    example = torch.zeros(1, 3, 32, 32)
+    image = np.zeros((32, 32, 3), np.uint8)
+    export.export_onnx(FrozenSize(), example, tmp_path / "frozen.onnx", dynamic=True, meta=meta)
+    assert export.verify(FrozenSize(), tmp_path / "frozen.onnx", "onnx", image, meta, [(32, 32)], 1e-6)[0][
+        "max_abs_diff"] == 0.0
+    with pytest.raises(export.VerificationError, match="fails at 64x96 .*export without --dynamic"):
+        export.verify(FrozenSize(), tmp_path / "frozen.onnx", "onnx", image, meta, [(32, 32), (64, 96)], 1e-3)
