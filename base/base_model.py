@@ -22,13 +22,26 @@ class BaseModel(nn.Module):
     num_classes: int
     #: Set by models that take a ``freeze_bn`` argument: keep batch norm in eval mode.
     bn_frozen: bool = False
+    #: Set by :meth:`freeze_backbone`: the encoder's weights are fixed and it stays in eval mode.
+    backbone_frozen: bool = False
 
     def train(self, mode: bool = True) -> BaseModel:
-        """Like ``nn.Module.train``, but batch norm stays frozen when ``bn_frozen`` is set."""
+        """Like ``nn.Module.train``, but batch norm stays frozen when ``bn_frozen`` is set
+        and a frozen backbone stays in eval mode."""
         super().train(mode)
         if mode and self.bn_frozen:
             self.freeze_bn()
+        if mode and self.backbone_frozen:
+            self.backbone.eval()
         return self
+
+    def freeze_backbone(self) -> None:
+        """Fix the encoder (``freeze_backbone`` in a model's args): its weights get no
+        gradient and it stays in eval mode, so its batch-norm statistics are fixed too."""
+        for param in self.backbone.parameters():
+            param.requires_grad_(False)
+        self.backbone_frozen = True
+        self.train(self.training)
 
     def pretrained_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         """The input ``(mean, std)`` (0-1 range) the pretrained encoder was trained with.

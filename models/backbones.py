@@ -1,160 +1,417 @@
-"""Encoders shared by every model: torchvision ResNets with named stage outputs.
+"""Encoders shared by every model: one interface over torchvision's networks and timm's.
 
-Each depth is registered in ``BACKBONES`` as ``resnet18`` ... ``resnet152``, so a model
-config reads ``"backbone": "resnet50"``. Models build them with :func:`build_backbone`
-and read ``out_channels``/``strides`` instead of hard-coding channel counts.
+An encoder is an ``nn.Module`` whose ``forward(x)`` returns a list of feature maps,
+highest resolution first, with two tuples read from the network when it is built
+(never typed in), one entry per feature:
+
+- ``out_channels``: the channels of each feature;
+- ``strides``: how much smaller than the input each feature is (with dilation the
+  strides stop growing: a ResNet at output stride 8 gives ``(2, 4, 8, 8, 8)``);
+
+and ``pretrained_normalization``: the input ``(mean, std)`` its weights expect, or None.
+Decoders read these instead of hard-coding channel counts. Build one with
+:func:`build_encoder`; a model's ``backbone`` argument is typed :data:`EncoderName`,
+so a misspelled name is reported when the config is validated.
+
+The torchvision encoders are registered in ``BACKBONES`` (``resnet50``, ``mobilenet_v2``...);
+any timm model is reachable as ``"timm:<name>"`` (``"timm:convnext_tiny"``).
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import Literal
+import urllib.error
+from collections.abc import Callable, Sequence
+from typing import Annotated
 
 import torch
 from torch import nn
 from torchvision import models as tvm
-from torchvision.models.resnet import Bottleneck
 
 from utils.errors import CheckpointError, ConfigError
-from utils.registry import BACKBONES
+from utils.registry import BACKBONES, Check, did_you_mean
 
 OUTPUT_STRIDES = (8, 16, 32)
 #: The RGB statistics (0-1 range) of ImageNet, which torchvision's weights were trained with.
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-# depth -> (constructor, ImageNet weights whose file name the hub cache uses)
-_RESNETS: dict[int, tuple[Callable[..., tvm.ResNet], tvm.WeightsEnum]] = {
-    18: (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
-    34: (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1),
-    50: (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1),
-    101: (tvm.resnet101, tvm.ResNet101_Weights.IMAGENET1K_V1),
-    152: (tvm.resnet152, tvm.ResNet152_Weights.IMAGENET1K_V1),
-}
+TIMM_PREFIX = "timm:"
+# Side of the blank image run through a new encoder to read its channels and strides.
+_PROBE_SIZE = 64
 
 
-def dilate_stage(stage: nn.Module, dilation: int) -> None:
-    """Trade a stage's stride for dilation, in place, keeping its weights.
+class Encoder(nn.Module):
+    """Base of the torchvision encoders: the interface described in the module docstring."""
 
-    Stride-2 convolutions (the 3x3 and the 1x1 shortcut) get stride 1, and every
-    3x3 convolution gets ``dilation`` with padding ``dilation`` so the spatial
-    size is kept. Works for BasicBlock and Bottleneck alike (torchvision's own
-    ``replace_stride_with_dilation`` refuses BasicBlock). Every block of the
-    stage gets the same rate, as in the original DeepLab ResNets.
+    out_channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    pretrained_normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def _read_shapes(self, in_channels: int) -> None:
+        """Set ``out_channels`` and ``strides`` from one forward pass of a blank image.
+
+        Eval mode and no_grad, so batch-norm statistics are not touched.
+        """
+        training = self.training
+        self.eval()
+        with torch.no_grad():
+            feats = self(torch.zeros(1, in_channels, _PROBE_SIZE, _PROBE_SIZE))
+        self.train(training)
+        self.out_channels = tuple(f.shape[1] for f in feats)
+        self.strides = tuple(_PROBE_SIZE // f.shape[-1] for f in feats)
+
+
+def set_dilation(block: nn.Module, rate: int) -> None:
+    """Give every spatial (k > 1) convolution of ``block`` dilation ``rate``, keeping the size."""
+    for conv in block.modules():
+        if isinstance(conv, nn.Conv2d) and conv.kernel_size[0] > 1:
+            conv.dilation = (rate, rate)
+            conv.padding = tuple(rate * (k - 1) // 2 for k in conv.kernel_size)
+
+
+def dilate_stage(blocks: Sequence[nn.Module], previous: int, dilation: int) -> None:
+    """Trade a stage's stride 2 for dilation, in place, keeping its weights.
+
+    Follows torchvision's ``replace_stride_with_dilation``: the stride-2 convolutions
+    (in the first block) get stride 1, the first block keeps the ``previous`` rate and
+    every later block gets ``dilation``. Unlike torchvision's, it works for any block
+    (BasicBlock, inverted residuals), so every encoder family dilates the same way.
     """
-    for conv in stage.modules():
-        if not isinstance(conv, nn.Conv2d):
-            continue
-        if conv.stride == (2, 2):
-            conv.stride = (1, 1)
-        if conv.kernel_size == (3, 3):
-            conv.dilation = (dilation, dilation)
-            conv.padding = (dilation, dilation)
+    for index, block in enumerate(blocks):
+        for conv in block.modules():
+            if isinstance(conv, nn.Conv2d) and conv.stride == (2, 2):
+                conv.stride = (1, 1)
+        set_dilation(block, previous if index == 0 else dilation)
 
 
-def _weights_file(name: str, url: str, weights_path: str | None) -> str:
-    """The local weights file; a ConfigError naming where to put it if it is missing."""
+def dilation_plan(stage_strides: Sequence[int], output_stride: int) -> list[tuple[int, int, int]]:
+    """``(stage index, previous rate, rate)`` for every stage whose stride exceeds ``output_stride``.
+
+    ``stage_strides`` are the strides the stages reach without dilation; each stage
+    past ``output_stride`` doubles the rate instead of halving the resolution.
+    """
+    plan, rate = [], 1
+    for index, stride in enumerate(stage_strides):
+        if stride > output_stride:
+            plan.append((index, rate, rate * 2))
+            rate *= 2
+    return plan
+
+
+def _adapt_first_conv(net: nn.Module, in_channels: int) -> None:
+    """Replace the first convolution by one taking ``in_channels`` inputs.
+
+    Its RGB filters are spread over the new channels so a pretrained network
+    keeps its response scale: one channel gets their sum (a grey image then looks
+    like the same grey RGB image), more channels get them repeated in turn and
+    scaled by ``3 / in_channels`` (the rule timm uses).
+    """
+    parent, name, conv = next((parent, name, child) for parent in net.modules()
+                              for name, child in parent.named_children() if isinstance(child, nn.Conv2d))
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None)
+    with torch.no_grad():
+        rgb = conv.weight
+        if in_channels == 1:
+            new.weight.copy_(rgb.sum(dim=1, keepdim=True))
+        else:
+            new.weight.copy_(rgb[:, [c % rgb.shape[1] for c in range(in_channels)]] * rgb.shape[1] / in_channels)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    setattr(parent, name, new)
+
+
+def weights_file(name: str, url: str, weights_path: str | None) -> str:
+    """The local file of a torchvision network's ImageNet weights.
+
+    ``weights_path`` when given; otherwise the torch hub cache
+    (``$TORCH_HOME/hub/checkpoints``), downloading into it when the file is not
+    there yet, as torchvision does. Without a network the ConfigError names the
+    file, its URL and where to put it.
+    """
+    if weights_path is not None:
+        if not os.path.isfile(weights_path):
+            raise ConfigError(f"pretrained: weights_path {weights_path} does not exist")
+        return weights_path
     file_name = os.path.basename(url)
     cache_path = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
-    path = weights_path or cache_path
-    if not os.path.isfile(path):
-        problem = (f"weights_path {weights_path} does not exist" if weights_path
-                   else f"the {name} ImageNet weights are not in the torch hub cache")
-        raise ConfigError(f"pretrained: {problem}. Downloads are disabled: get '{file_name}' ({url}) "
-                          f"and put it at {cache_path}, or set weights_path in the model's args to "
-                          f"where it is.")
-    return path
+    if not os.path.isfile(cache_path):
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, cache_path, progress=False)
+        except (urllib.error.URLError, OSError) as exc:
+            raise ConfigError(f"pretrained: the {name} ImageNet weights are not in the torch hub cache and "
+                              f"cannot be downloaded ({exc}). Get '{file_name}' ({url}) and put it at "
+                              f"{cache_path}, or set weights_path in the model's args to where it is.") from exc
+    return cache_path
 
 
-def _load(net: tvm.ResNet, path: str) -> None:
-    """Load a torchvision ResNet state_dict; a CheckpointError naming the file if it fails."""
+def load_state(net: nn.Module, path: str, unused: tuple[str, ...] = ()) -> None:
+    """Load a state_dict file into ``net``; a CheckpointError naming the file if it fails.
+
+    Keys starting with one of the ``unused`` prefixes (a classifier the encoder
+    has no use for) are dropped; every other key must fit.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     # A corrupt file can fail in many ways (UnpicklingError, EOFError, KeyError, RuntimeError).
     except Exception as exc:
         raise CheckpointError(f"cannot read weights file {path}: {exc}") from exc
     if not isinstance(state, dict):
-        raise CheckpointError(f"weights file {path} does not hold a state_dict "
-                              f"(got {type(state).__name__})")
+        raise CheckpointError(f"weights file {path} does not hold a state_dict (got {type(state).__name__})")
     try:
-        net.load_state_dict(state)
+        net.load_state_dict({k: v for k, v in state.items() if not k.startswith(unused)} if unused else state)
     except RuntimeError as exc:
         raise CheckpointError(f"weights file {path} does not fit this network: {exc}") from exc
 
 
-class ResNetBackbone(nn.Module):
-    """A torchvision ResNet without its classifier, returning every stage.
+class ResNetEncoder(Encoder):
+    """A torchvision ResNet/ResNeXt without its classifier: stem, layer1 ... layer4.
 
-    Args:
-        depth: 18, 34, 50, 101 or 152.
-        output_stride: 8, 16 or 32; below 32, layer4 (and at 8 also layer3)
-            use dilation instead of stride.
-        pretrained: load ImageNet weights (never downloaded, see :func:`_weights_file`).
-        weights_path: a torchvision ResNet state_dict; default is the torch hub cache.
+    Module names are torchvision's, so its state dicts map one to one.
 
     Shape:
-        ``(N, 3, H, W)`` -> dict ``{stage: (N, out_channels[stage], ~H/s, ~W/s)}``
-        with ``s = strides[stage]``, stages ``stem`` and ``layer1`` ... ``layer4``.
+        ``(N, C, H, W)`` -> five maps at strides ``(2, 4, 8, 16, 32)`` (OS 32),
+        ``(2, 4, 8, 16, 16)`` (OS 16) or ``(2, 4, 8, 8, 8)`` (OS 8).
     """
 
-    def __init__(self, depth: int, output_stride: int = 32, pretrained: bool = False,
-                 weights_path: str | None = None) -> None:
+    def __init__(self, net: tvm.ResNet, output_stride: int, in_channels: int) -> None:
         super().__init__()
-        if depth not in _RESNETS:
-            raise ValueError(f"depth must be one of {tuple(_RESNETS)}, got {depth}")
-        if output_stride not in OUTPUT_STRIDES:
-            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
-        if weights_path is not None and not pretrained:
-            raise ValueError("weights_path is set but pretrained is false; set pretrained to true "
-                             "to load it, or remove weights_path")
-        make, imagenet = _RESNETS[depth]
-        net = make(weights=None)
-        if pretrained:
-            _load(net, _weights_file(f"resnet{depth}", imagenet.url, weights_path))
-        self.pretrained_normalization = IMAGENET_MEAN_STD if pretrained else None
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        # Each stage halves the resolution until output_stride is reached, then dilates instead.
-        self.strides = {"stem": 2, "layer1": 4, "layer2": 8,
-                        "layer3": min(16, output_stride), "layer4": min(32, output_stride)}
-        if output_stride <= 16:
-            dilate_stage(self.layer4, 32 // output_stride)
-        if output_stride == 8:
-            dilate_stage(self.layer3, 2)
-        self.out_channels = {"stem": self.conv1.out_channels}
-        for name in ("layer1", "layer2", "layer3", "layer4"):
-            block = getattr(self, name)[-1]
-            last_conv = block.conv3 if isinstance(block, Bottleneck) else block.conv2
-            self.out_channels[name] = last_conv.out_channels
+        for index, previous, rate in dilation_plan((4, 8, 16, 32), output_stride):
+            dilate_stage(list(getattr(self, f"layer{index + 1}")), previous, rate)
+        self._read_shapes(in_channels)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = {"stem": self.relu(self.bn1(self.conv1(x)))}
-        feats["layer1"] = self.layer1(self.maxpool(feats["stem"]))
-        feats["layer2"] = self.layer2(feats["layer1"])
-        feats["layer3"] = self.layer3(feats["layer2"])
-        feats["layer4"] = self.layer4(feats["layer3"])
+    def stages(self) -> list[nn.Sequential]:
+        """layer1 ... layer4, the stages made of residual blocks."""
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        stem = self.relu(self.bn1(self.conv1(x)))
+        feats = [stem, self.layer1(self.maxpool(stem))]
+        for layer in (self.layer2, self.layer3, self.layer4):
+            feats.append(layer(feats[-1]))
         return feats
 
 
-def _register(depth: int) -> None:
-    def build(output_stride: int = 32, pretrained: bool = False,
-              weights_path: str | None = None) -> ResNetBackbone:
-        return ResNetBackbone(depth, output_stride, pretrained, weights_path)
+class FeaturesEncoder(Encoder):
+    """A torchvision network whose ``features`` is a plain sequence (MobileNets, VGG).
 
-    build.__doc__ = f"ResNet-{depth} backbone; see :class:`ResNetBackbone`."
-    BACKBONES.register(build, name=f"resnet{depth}")
+    The stages are found from the network: a module that halves the resolution
+    starts a new stage. MobileNets end a stage with the last block before the next
+    downsampling (``tap="before"``, as their inverted residuals downsample first);
+    VGG's stages end with their max-pool (``tap="after"``: pool1 ... pool5).
+
+    Shape:
+        ``(N, C, H, W)`` -> five maps at strides ``(2, 4, 8, 16, 32)`` at OS 32.
+    """
+
+    def __init__(self, features: nn.Sequential, output_stride: int, in_channels: int, tap: str) -> None:
+        super().__init__()
+        self.features = features
+        starts = self._downsamplers(in_channels)
+        stage_ends = starts[1:] + [len(features)]
+        for index, previous, rate in dilation_plan([2 ** (i + 1) for i in range(len(starts))], output_stride):
+            dilate_stage(list(features[starts[index]:stage_ends[index]]), previous, rate)
+        self.taps = starts if tap == "after" else [end - 1 for end in stage_ends]
+        self._read_shapes(in_channels)
+
+    def _downsamplers(self, in_channels: int) -> list[int]:
+        """Indices of the modules of ``features`` that halve the resolution."""
+        self.eval()
+        x, starts = torch.zeros(1, in_channels, _PROBE_SIZE, _PROBE_SIZE), []
+        with torch.no_grad():
+            for index, module in enumerate(self.features):
+                size = x.shape[-1]
+                x = module(x)
+                if x.shape[-1] < size:
+                    starts.append(index)
+        self.train()
+        return starts
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for index, module in enumerate(self.features):
+            x = module(x)
+            if index in self.taps:
+                feats.append(x)
+        return feats
 
 
-for _depth in _RESNETS:
-    _register(_depth)
+class TimmEncoder(nn.Module):
+    """Any timm model through ``features_only=True``; channels and strides from its ``feature_info``.
+
+    Pretrained weights come from timm's own cache (the Hugging Face hub cache),
+    downloaded into it when online; ``weights_path`` loads a local file instead.
+    ``in_channels`` and ``output_stride`` are passed to timm, which adapts the
+    first convolution and dilates where the architecture allows it.
+    """
+
+    def __init__(self, name: str, output_stride: int, pretrained: bool, weights_path: str | None,
+                 in_channels: int) -> None:
+        super().__init__()
+        import timm  # imported on demand: it takes seconds and most runs do not need it
+
+        args = {"features_only": True, "in_chans": in_channels}
+        if output_stride != 32:
+            args["output_stride"] = output_stride
+        try:  # a bad combination (output stride, channels) is found on the meta device, for free
+            with torch.device("meta"):
+                timm.create_model(name, pretrained=False, **args)
+        except (ValueError, TypeError, AssertionError, RuntimeError, NotImplementedError) as exc:
+            raise ConfigError(f"timm model '{name}' cannot be built with output_stride {output_stride} "
+                              f"and in_channels {in_channels}: {exc}") from exc
+        if weights_path is not None:
+            if not os.path.isfile(weights_path):
+                raise ConfigError(f"pretrained: weights_path {weights_path} does not exist")
+            args["pretrained_cfg_overlay"] = {"file": weights_path}
+        try:
+            self.net = timm.create_model(name, pretrained=pretrained, **args)
+        except Exception as exc:  # timm and huggingface_hub raise many types for a missing or bad file
+            if weights_path is not None:
+                raise CheckpointError(f"cannot load weights file {weights_path} into timm model "
+                                      f"'{name}': {exc}") from exc
+            from huggingface_hub.constants import HF_HUB_CACHE
+            raise ConfigError(f"pretrained: the weights of timm model '{name}' are not in timm's cache "
+                              f"({HF_HUB_CACHE}) and cannot be downloaded ({type(exc).__name__}: {exc}). "
+                              f"Download them on a machine with a network (timm.create_model('{name}', "
+                              f"pretrained=True) fills that cache) and copy the cache over, or set "
+                              f"weights_path in the model's args to a local weights file.") from exc
+        self.out_channels = tuple(self.net.feature_info.channels())
+        self.strides = tuple(self.net.feature_info.reduction())
+        cfg = self.net.pretrained_cfg
+        self.pretrained_normalization = ((tuple(cfg["mean"]), tuple(cfg["std"]))
+                                         if pretrained and in_channels == 3 else None)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.net(x))
 
 
-#: The registered backbone names, as a type: a model's ``backbone`` argument is checked
-#: against it when the config is validated, before anything is built.
-BackboneName = Literal[tuple(BACKBONES.names())]
+def _vgg16_bn_features(weights: None = None) -> nn.Module:
+    """torchvision's VGG16-BN without its classifier: 120M parameters an encoder would drop.
+
+    Its ``features`` are torchvision's (same layers, names and initialisation).
+    """
+    net = nn.Module()
+    net.features = tvm.vgg.make_layers(tvm.vgg.cfgs["D"], batch_norm=True)
+    for conv in net.features.modules():
+        if isinstance(conv, nn.Conv2d):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+    return net
 
 
-def build_backbone(name: BackboneName, output_stride: int = 32, pretrained: bool = False,
-                   weights_path: str | None = None) -> ResNetBackbone:
-    """Build the backbone registered as ``name`` (a ConfigError listing them if unknown)."""
-    make = BACKBONES.get(name, "backbone")
-    return make(output_stride=output_stride, pretrained=pretrained, weights_path=weights_path)
+def _torchvision(make: Callable[..., nn.Module], imagenet: tvm.WeightsEnum, wrap: Callable,
+                 output_strides: tuple[int, ...], name: str | None = None,
+                 unused: tuple[str, ...] = ()) -> Callable[..., Encoder]:
+    """A builder of one torchvision encoder: network, ImageNet weights, channel adaptation, wrapper."""
+    def build(output_stride: int = 32, pretrained: bool = False, weights_path: str | None = None,
+              in_channels: int = 3) -> Encoder:
+        if output_stride not in output_strides:
+            raise ConfigError(f"output_stride {output_stride} is not available for {name}: choose "
+                              f"{' or '.join(map(str, output_strides))}")
+        net = make(weights=None)
+        if pretrained:
+            load_state(net, weights_file(name, imagenet.url, weights_path), unused)
+        if in_channels != 3:
+            _adapt_first_conv(net, in_channels)
+        encoder = wrap(net, output_stride, in_channels)
+        # ImageNet's RGB statistics say nothing about other channels: the data set's are used then.
+        encoder.pretrained_normalization = IMAGENET_MEAN_STD if pretrained and in_channels == 3 else None
+        return encoder
+
+    name = name or make.__name__
+    build.__name__ = name
+    build.__doc__ = f"torchvision's {name} as an encoder; see :func:`build_encoder`."
+    return build
+
+
+def _mobilenet(net: nn.Module, output_stride: int, in_channels: int) -> FeaturesEncoder:
+    return FeaturesEncoder(net.features, output_stride, in_channels, tap="before")
+
+
+def _vgg(net: nn.Module, output_stride: int, in_channels: int) -> FeaturesEncoder:
+    return FeaturesEncoder(net.features, output_stride, in_channels, tap="after")
+
+
+for _make, _weights, _wrap, _strides in [
+    (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, ResNetEncoder, OUTPUT_STRIDES),
+    (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, ResNetEncoder, OUTPUT_STRIDES),
+    (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, ResNetEncoder, OUTPUT_STRIDES),
+    (tvm.resnet101, tvm.ResNet101_Weights.IMAGENET1K_V1, ResNetEncoder, OUTPUT_STRIDES),
+    (tvm.resnet152, tvm.ResNet152_Weights.IMAGENET1K_V1, ResNetEncoder, OUTPUT_STRIDES),
+    (tvm.resnext50_32x4d, tvm.ResNeXt50_32X4D_Weights.IMAGENET1K_V1, ResNetEncoder, OUTPUT_STRIDES),
+    (tvm.resnext101_32x8d, tvm.ResNeXt101_32X8D_Weights.IMAGENET1K_V1, ResNetEncoder, OUTPUT_STRIDES),
+    (tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, _mobilenet, OUTPUT_STRIDES),
+    (tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1, _mobilenet, OUTPUT_STRIDES),
+]:
+    BACKBONES.register(_torchvision(_make, _weights, _wrap, _strides), name=_make.__name__)
+# VGG has no residual stages to dilate without changing what its weights compute: stride 32 only.
+BACKBONES.register(_torchvision(_vgg16_bn_features, tvm.VGG16_BN_Weights.IMAGENET1K_V1, _vgg, (32,),
+                                name="vgg16_bn", unused=("classifier.",)), name="vgg16_bn")
+
+
+def check_encoder_name(name: str, path: str) -> None:
+    """Config validation of a ``backbone`` argument: a registered name or ``timm:<model>``."""
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        model = name[len(TIMM_PREFIX):]
+        choices = timm.list_models()
+        if model.split(".")[0] not in choices:  # a pretrained tag may follow: convnext_tiny.fb_in1k
+            raise ConfigError(f"{path}: unknown timm model '{model}'.{did_you_mean(model, choices)} "
+                              "timm.list_models() lists them")
+        return
+    if name not in BACKBONES:
+        raise ConfigError(f"{path}: unknown backbone '{name}'.{did_you_mean(name, BACKBONES.names())} "
+                          f"Available: {', '.join(BACKBONES.names())}, or '{TIMM_PREFIX}<name>' for any "
+                          "timm model")
+
+
+#: The type of a model's ``backbone`` argument, checked when the config is validated.
+EncoderName = Annotated[str, Check(check_encoder_name)]
+#: The same for models whose ``backbone`` may be null (an encoder of their own).
+OptionalEncoderName = Annotated[str | None,
+                                Check(lambda name, path: name is None or check_encoder_name(name, path))]
+
+
+def build_encoder(name: EncoderName, *, output_stride: int = 32, pretrained: bool = False,
+                  weights_path: str | None = None, in_channels: int = 3) -> nn.Module:
+    """Build an encoder.
+
+    Args:
+        name: a registered torchvision encoder (``resnet50``, ``mobilenet_v3_large``,
+            ``vgg16_bn``...) or ``"timm:<model>"``.
+        output_stride: 8, 16 or 32 where the network allows it (by dilation); others
+            are a ConfigError naming the choices.
+        pretrained: load ImageNet weights: torchvision's from the torch hub cache
+            (``$TORCH_HOME/hub/checkpoints``), timm's from its Hugging Face cache;
+            downloaded into that cache when missing and the machine is online.
+        weights_path: a local weights file to load instead of the cache
+            (a torchvision classification state dict, or a timm checkpoint).
+        in_channels: image channels; the first convolution is adapted when not 3.
+
+    Returns:
+        The encoder (see the module docstring for its interface).
+    """
+    check_encoder_name(name, "backbone")
+    if weights_path is not None and not pretrained:
+        raise ConfigError("weights_path is set but pretrained is false; set pretrained to true to load "
+                          "it, or remove weights_path")
+    if in_channels < 1:
+        raise ConfigError(f"in_channels must be at least 1, got {in_channels}")
+    if name.startswith(TIMM_PREFIX):
+        return TimmEncoder(name[len(TIMM_PREFIX):], output_stride, pretrained, weights_path, in_channels)
+    return BACKBONES.get(name, "backbone")(output_stride=output_stride, pretrained=pretrained,
+                                           weights_path=weights_path, in_channels=in_channels)
+
+
+def feature_index(encoder: nn.Module, stride: int) -> int:
+    """Index of the last of ``encoder``'s features at ``stride``; a ConfigError if it has none.
+
+    Decoders that fuse a feature of a given resolution (DeepLabV3+'s stride-4
+    skip, FCN-8s's stride-8 and 16 ones) find it through this.
+    """
+    if stride not in encoder.strides:
+        raise ConfigError(f"the decoder needs a stride-{stride} feature, but this backbone's features have "
+                          f"strides {encoder.strides}; use a backbone (or output_stride) that has one")
+    return len(encoder.strides) - 1 - encoder.strides[::-1].index(stride)

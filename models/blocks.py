@@ -1,8 +1,25 @@
 """Building blocks shared by several models (written once, used everywhere)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+from torchvision.models.segmentation.fcn import FCNHead
+
+from base.base_model import BaseModel
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the bottom and right of ``x`` so both sides are multiples of ``multiple``.
+
+    Decoders that add or concatenate features of several strides need every
+    stride to divide the input exactly; the model crops its logits back with
+    ``logits[..., :H, :W]``. Zero is the mean of a normalised image.
+    """
+    height, width = x.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    return nn.functional.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
 
 class ConvBNReLU(nn.Sequential):
@@ -16,21 +33,37 @@ class ConvBNReLU(nn.Sequential):
         dilation: convolution dilation.
         padding: default ``dilation * (kernel_size - 1) // 2`` keeps the size
             (for odd kernels at stride 1).
+        groups: convolution groups (``in_channels`` for a depthwise convolution).
 
     Shape:
         ``(N, in_channels, H, W)`` -> ``(N, out_channels, H', W')``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 dilation: int = 1, padding: int | None = None) -> None:
+                 dilation: int = 1, padding: int | None = None, groups: int = 1) -> None:
         if padding is None:
             padding = dilation * (kernel_size - 1) // 2
         super().__init__(
             nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                      dilation=dilation, bias=False),
+                      dilation=dilation, groups=groups, bias=False),
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )
+
+
+class SeparableConvBNReLU(nn.Sequential):
+    """Depthwise-separable 3x3 convolution: depthwise ConvBNReLU, then pointwise ConvBNReLU.
+
+    DeepLabV3+'s "atrous separable convolution" (Chen et al. 2018): about
+    ``9 / out_channels + 1 / 9`` of a full 3x3 convolution's cost.
+
+    Shape:
+        ``(N, in_channels, H, W)`` -> ``(N, out_channels, H, W)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dilation: int = 1) -> None:
+        super().__init__(ConvBNReLU(in_channels, in_channels, dilation=dilation, groups=in_channels),
+                         ConvBNReLU(in_channels, out_channels, kernel_size=1))
 
 
 def aspp_rates(output_stride: int) -> tuple[int, int, int]:
@@ -43,12 +76,13 @@ def aspp_rates(output_stride: int) -> tuple[int, int, int]:
     return tuple(rate * 16 // output_stride for rate in (6, 12, 18))
 
 
-class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling (DeepLabV3) with an image-pooling branch.
+class SeparableASPP(nn.Module):
+    """DeepLabV3+'s atrous spatial pyramid pooling, with depthwise-separable atrous branches.
 
-    Parallel branches (a 1x1 conv, one dilated 3x3 conv per rate and a global
-    average pool + 1x1 conv broadcast back to the map) are concatenated and
-    projected by a 1x1 conv, followed by dropout.
+    Parallel branches (a 1x1 conv, one separable dilated 3x3 conv per rate and a
+    global average pool + 1x1 conv broadcast back to the map) are concatenated and
+    projected by a 1x1 conv, followed by dropout. (DeepLabV3 uses torchvision's
+    ``ASPP``, whose atrous branches are full 3x3 convolutions.)
 
     The pooling branch normalises a 1x1 map, so training needs batches of at
     least 2 (BatchNorm cannot normalise a single value per channel).
@@ -68,7 +102,7 @@ class ASPP(nn.Module):
         super().__init__()
         self.branches = nn.ModuleList(
             [ConvBNReLU(in_channels, out_channels, kernel_size=1)]
-            + [ConvBNReLU(in_channels, out_channels, dilation=rate) for rate in rates])
+            + [SeparableConvBNReLU(in_channels, out_channels, dilation=rate) for rate in rates])
         self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1),
                                         ConvBNReLU(in_channels, out_channels, kernel_size=1))
         self.project = nn.Sequential(
@@ -79,3 +113,92 @@ class ASPP(nn.Module):
         # Upsampling a 1x1 map gives a constant map, so broadcasting it is exact.
         pooled = self.image_pool(x).expand(-1, -1, *x.shape[-2:])
         return self.project(torch.cat([branch(x) for branch in self.branches] + [pooled], dim=1))
+
+
+class PPM(nn.Module):
+    """Pyramid pooling module (PSPNet, Zhao et al. 2017).
+
+    The map is average-pooled to ``b x b`` for every bin size ``b``, reduced by a
+    1x1 ConvBNReLU, upsampled back and concatenated with the input.
+
+    Args:
+        in_channels: channels of the input map.
+        channels: channels of each pooled branch.
+        bins: output sizes of the pooling branches.
+
+    Shape:
+        ``(N, in_channels, H, W)`` -> ``(N, out_channels, H, W)`` with
+        ``out_channels = in_channels + len(bins) * channels``.
+    """
+
+    def __init__(self, in_channels: int, channels: int, bins: Sequence[int] = (1, 2, 3, 6)) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), ConvBNReLU(in_channels, channels, 1))
+                                      for b in bins)
+        self.out_channels = in_channels + len(bins) * channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = [BaseModel.resize_to(branch(x), x.shape[-2:]) for branch in self.branches]
+        return torch.cat([x, *pooled], dim=1)
+
+
+class FPNNeck(nn.Module):
+    """Feature pyramid (Lin et al. 2017): lateral 1x1 convs, top-down sum, 3x3 smoothing.
+
+    Laterals and smoothing convs are ConvBNReLU (as UPerNet's FPN); the top-down
+    path upsamples bilinearly. ``forward(feats, top)`` can take an already
+    projected top level (UPerNet's PPM output), which joins the top-down path
+    as is, without a lateral or smoothing conv of its own.
+
+    Args:
+        in_channels: channels of the input levels, highest resolution first.
+        channels: channels of every output level.
+
+    Shape:
+        levels ``(N, in_channels[i], H_i, W_i)`` (and ``top`` ``(N, channels, h, w)``)
+        -> one ``(N, channels, H_i, W_i)`` per level (and ``top``'s).
+    """
+
+    def __init__(self, in_channels: Sequence[int], channels: int) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(ConvBNReLU(c, channels, kernel_size=1) for c in in_channels)
+        self.smooth = nn.ModuleList(ConvBNReLU(channels, channels) for _ in in_channels)
+
+    def forward(self, feats: Sequence[torch.Tensor], top: torch.Tensor | None = None) -> list[torch.Tensor]:
+        levels = [lateral(f) for lateral, f in zip(self.lateral, feats)]
+        if top is not None:
+            levels.append(top)
+        for i in range(len(levels) - 1, 0, -1):
+            levels[i - 1] = levels[i - 1] + BaseModel.resize_to(levels[i], levels[i - 1].shape[-2:])
+        return [smooth(level) for smooth, level in zip(self.smooth, levels)] + levels[len(self.smooth):]
+
+
+def aux_head(in_channels: int, num_classes: int) -> nn.Module:
+    """The auxiliary classifier on the stride-16 stage: torchvision's ``FCNHead``.
+
+    A 3x3 ConvBNReLU to ``in_channels // 4``, dropout 0.1 and a 1x1 classifier, as in
+    torchvision's DeepLabV3/FCN (and PSPNet's and mmseg's auxiliary heads, 256
+    channels on ResNet-50's 1024).
+    """
+    return FCNHead(in_channels, num_classes)
+
+
+class BilinearUpsample(nn.ConvTranspose2d):
+    """A learned ``factor``x upsampling started as bilinear interpolation (FCN, Long et al. 2015).
+
+    A transposed convolution per channel (kernel ``2 * factor``, stride ``factor``,
+    padding ``factor // 2``) whose kernel starts as the bilinear one, so an
+    ``(h, w)`` map becomes exactly ``(factor * h, factor * w)``.
+
+    Shape:
+        ``(N, channels, h, w)`` -> ``(N, channels, factor * h, factor * w)``.
+    """
+
+    def __init__(self, channels: int, factor: int) -> None:
+        super().__init__(channels, channels, 2 * factor, stride=factor, padding=factor // 2,
+                         groups=channels, bias=False)
+        # Bilinear weights of a 2*factor tap kernel centred between its middle taps.
+        taps = (torch.arange(2 * factor, dtype=torch.float32) - (2 * factor - 1) / 2).abs()
+        profile = 1 - taps / factor
+        with torch.no_grad():
+            self.weight.copy_((profile[:, None] * profile[None, :]).expand_as(self.weight))

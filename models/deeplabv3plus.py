@@ -1,51 +1,57 @@
-"""DeepLabV3+ (Chen et al. 2018): ASPP encoder plus a light decoder on low-level features."""
+"""DeepLabV3+ (Chen et al. 2018): separable ASPP encoder plus a light decoder on low-level features."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from base.base_model import BaseModel
-from models.backbones import BackboneName, build_backbone
-from models.blocks import ASPP, ConvBNReLU, aspp_rates
+from models.backbones import EncoderName, build_encoder, feature_index
+from models.blocks import ConvBNReLU, SeparableASPP, SeparableConvBNReLU, aspp_rates
 from utils.registry import MODELS
 
 
 @MODELS.register
 class DeepLabV3Plus(BaseModel):
-    """ResNet backbone -> ASPP on layer4 -> fused with layer1 -> upsampled logits.
+    """Encoder -> separable ASPP on the last feature -> fused with the stride-4 feature -> logits.
 
-    The ASPP output (stride ``output_stride``) is upsampled to layer1 (stride 4),
-    concatenated with layer1 projected to 48 channels (few, so the low-level
-    features do not outweigh the semantic ones), refined by two 3x3 convs and
-    classified; the logits are upsampled to the input size.
+    The ASPP output is upsampled to the stride-4 feature, concatenated with it
+    projected to 48 channels (few, so the low-level features do not outweigh the
+    semantic ones), refined by two 3x3 convs and classified; the logits are
+    upsampled to the input size. As in the paper, the ASPP's atrous branches and
+    the decoder's 3x3 convs are depthwise separable (half the FLOPs of full ones).
 
     Args:
         num_classes: output channels (injected by the framework).
-        backbone: a registered backbone name (``resnet18`` ... ``resnet152``).
-        output_stride: 8, 16 or 32; the ASPP rates follow it (see :func:`aspp_rates`).
-        pretrained: load ImageNet weights into the backbone (never downloaded).
-        weights_path: backbone weights file; default is the torch hub cache.
+        backbone, output_stride, pretrained, weights_path, in_channels: the encoder,
+            see ``build_encoder`` in models/backbones.py; the ASPP rates follow the
+            output stride (see :func:`models.blocks.aspp_rates`).
         freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
+        freeze_backbone: fix the encoder's weights (and its batch-norm statistics).
 
     Shape:
-        ``(N, 3, H, W)`` -> ``{"out": (N, num_classes, H, W)}``.
+        ``(N, in_channels, H, W)`` -> ``{"out": (N, num_classes, H, W)}``.
     """
 
-    def __init__(self, num_classes: int, backbone: BackboneName = "resnet50", output_stride: int = 16,
-                 pretrained: bool = False, weights_path: str | None = None, freeze_bn: bool = False) -> None:
+    def __init__(self, num_classes: int, backbone: EncoderName = "resnet50", output_stride: int = 16,
+                 pretrained: bool = False, weights_path: str | None = None, in_channels: int = 3,
+                 freeze_bn: bool = False, freeze_backbone: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.bn_frozen = freeze_bn
-        self.backbone = build_backbone(backbone, output_stride, pretrained, weights_path)
-        channels = self.backbone.out_channels
-        self.aspp = ASPP(channels["layer4"], 256, aspp_rates(output_stride))
-        self.low_level = ConvBNReLU(channels["layer1"], 48, kernel_size=1)
-        self.refine = nn.Sequential(ConvBNReLU(256 + 48, 256), ConvBNReLU(256, 256))
+        self.backbone = build_encoder(backbone, output_stride=output_stride, pretrained=pretrained,
+                                      weights_path=weights_path, in_channels=in_channels)
+        channels, strides = self.backbone.out_channels, self.backbone.strides
+        self.low_index = feature_index(self.backbone, 4)
+        self.aspp = SeparableASPP(channels[-1], 256, aspp_rates(strides[-1]))
+        self.low_level = ConvBNReLU(channels[self.low_index], 48, kernel_size=1)
+        self.refine = nn.Sequential(SeparableConvBNReLU(256 + 48, 256), SeparableConvBNReLU(256, 256))
         self.classifier = nn.Conv2d(256, num_classes, kernel_size=1)
+        self.bn_frozen = freeze_bn
+        if freeze_backbone:
+            self.freeze_backbone()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone(x)
-        low = self.low_level(feats["layer1"])
-        high = self.resize_to(self.aspp(feats["layer4"]), low.shape[-2:])
+        low = self.low_level(feats[self.low_index])
+        high = self.resize_to(self.aspp(feats[-1]), low.shape[-2:])
         logits = self.classifier(self.refine(torch.cat([high, low], dim=1)))
         return {"out": self.resize_to(logits, x.shape[-2:])}
