@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from base.base_dataset import apply_label_lut, read_image, read_label
+from base.base_dataset import read_image, read_label
 from dataloader.cityscapes import Cityscapes
 from utils.build import make_dir, select_device
 from utils.cityscapes_eval import CityscapesEvaluator
@@ -247,12 +247,13 @@ class Writer:
 class Report:
     """The folder's confusion matrix, and each image's mIoU for the worst-images list."""
 
-    def __init__(self, meta: dict, label_dir: Path, worst: int) -> None:
+    def __init__(self, meta: dict, label_dir: Path, worst: int, dataset_args: dict) -> None:
         self.meta = meta
         self.label_dir = label_dir
         self.confusion = ConfusionMatrix(meta["num_classes"], meta["ignore_index"])
         dataset = DATASETS.get(meta["dataset"])
-        self.lut = dataset.label_lut(meta["ignore_index"])
+        # Reads a label file into class indices as the data set does (colour masks, .mat files...).
+        self.decode = dataset.label_decoder(dataset_args, meta["ignore_index"])
         self.worst = worst
         self.scores: list[tuple[float, str, str, str]] = []  # (mIoU, image, label, prediction)
         # The Cityscapes benchmark's own scores (iIoU needs the *_instanceIds.png beside each label).
@@ -262,7 +263,7 @@ class Report:
         return find_label(self.label_dir / name.parent, image.stem)
 
     def add(self, image: Path, label_path: Path, pred: np.ndarray, prediction_file: Path) -> None:
-        label = apply_label_lut(read_label(label_path), self.lut, str(label_path), self.meta["num_classes"])
+        label = self.decode(label_path)
         if label.shape != pred.shape:
             raise DataError(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but image {image} "
                             f"is {pred.shape[1]}x{pred.shape[0]} (width x height)")
@@ -298,7 +299,7 @@ class Report:
             (out_dir / "worst").mkdir(exist_ok=True)
         for rank, (_, image, label, prediction) in enumerate(worst, start=1):
             pixels = read_image(image)
-            truth = apply_label_lut(read_label(label), self.lut, label, self.meta["num_classes"])
+            truth = self.decode(label)
             pred = read_label(prediction)
             palette, ignore = self.meta["palette"], self.meta["ignore_index"]
             row = np.concatenate([pixels, colorize(truth, palette, ignore), colorize(pred, palette, ignore)], 1)
@@ -345,11 +346,14 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 
 def run_images(predictor: Predictor, images: list[Path], root: Path, out_dir: Path,
-               args: argparse.Namespace) -> int:
-    """Predict every image; returns how many could not be read."""
+               args: argparse.Namespace, dataset_args: dict) -> int:
+    """Predict every image; returns how many could not be read.
+
+    ``dataset_args``: the training data set's config args (how ``Folder`` reads its masks).
+    """
     label_dir = Path(args.labels) if args.labels else None
     names = output_names(images, root)
-    report = Report(predictor.meta, label_dir, args.worst) if label_dir is not None else None
+    report = Report(predictor.meta, label_dir, args.worst, dataset_args) if label_dir is not None else None
     labels = {path: report.label_path(path, names[path]) for path in images} if report else {}  # fail early
     writer = Writer(out_dir, predictor.meta, args)
     failed = []
@@ -434,12 +438,13 @@ def run(args: argparse.Namespace) -> int:
                           "(predictions would overwrite them)")
     is_video = source.is_file() and _suffix(source) in VIDEO_EXTENSIONS
     images, root = (None, None) if is_video else collect_inputs(source, args.extension)
-    predictor, _ = load_predictor(args.config, args.model, device, args)
+    predictor, config = load_predictor(args.config, args.model, device, args)
     make_dir(out_dir, "-o")
     if is_video:
         run_video(predictor, source, out_dir, args)
         return 0
-    return run_images(predictor, images, root, out_dir, args)
+    dataset_args = config["train_loader"]["args"] if config is not None else {}
+    return run_images(predictor, images, root, out_dir, args, dataset_args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,16 @@
 """Train a segmentation model from a JSON config.
 
-    python train.py -c config.json [--resume CHECKPOINT] [--set KEY=VALUE ...]
-                    [--run-dir DIR] [--device cpu|cuda]
+    python train.py -c config.json [--resume CHECKPOINT | --init-from CHECKPOINT]
+                    [--set KEY=VALUE ...] [--run-dir DIR] [--device cpu|cuda]
 
 Under ``torchrun --nproc_per_node=N train.py ...`` each process trains on its
-shard of the data and rank 0 writes the run folder.
+shard of the data (DistributedDataParallel: NCCL on CUDA, Gloo on the CPU) and
+rank 0 writes the run folder.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -17,22 +19,28 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from base.base_trainer import TrainingInterrupted
-from trainer import Trainer
+from trainer import Trainer, amp_mode
 from utils import distributed
 from utils.build import (build_loader, build_loss, build_model, build_optimizer, build_scheduler,
-                         dataset_class, dataset_meta, gives_fixed_size, input_normalization, make_dir, select_device)
-from utils.checkpoint import check_compatible, load_checkpoint
-from utils.config import load_config
+                         dataset_info, dataset_meta, gives_fixed_size, input_normalization, make_dir,
+                         select_device)
+from utils.checkpoint import check_compatible, describe_init, load_checkpoint, load_matching_weights
+from utils.config import load_config, read_json
 from utils.errors import ConfigError, UserError, user_message
 from utils.files import write_json
+from utils.migrate import looks_like_template
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a semantic segmentation model.")
     parser.add_argument("-c", "--config", help="JSON config (default: the one saved in --resume)")
     parser.add_argument("-r", "--resume", help="checkpoint to resume from (its run folder is reused)")
+    parser.add_argument("--init-from", metavar="CHECKPOINT",
+                        help="start a new run from this checkpoint's weights where names and shapes match "
+                             "(fine-tuning; sets the config's init_from)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set trainer.epochs=3 (repeatable)")
     parser.add_argument("--run-dir", help="run folder (default: save_dir/name/<timestamp>/)")
@@ -40,17 +48,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.config is None and args.resume is None:
         parser.error("give a config with -c CONFIG (or a checkpoint to resume with --resume)")
+    if args.resume is not None and args.init_from is not None:
+        parser.error("--init-from starts a new run and --resume continues one: give only one of them")
     return args
 
 
 def resolve_config(args: argparse.Namespace, checkpoint: dict | None) -> dict:
-    """The ``-c`` config, else the one saved in the resumed checkpoint; ``--set`` applied."""
+    """The ``-c`` config, else the one saved in the resumed checkpoint; ``--set`` and ``--init-from`` applied."""
     if args.config is not None:
-        return load_config(args.config, args.overrides)
+        try:
+            config = load_config(args.config, args.overrides)
+        except ConfigError as exc:
+            hint = template_hint(args.config)
+            raise ConfigError(f"{hint}\n{exc}" if hint else str(exc)) from None
+        if args.init_from is not None:
+            config["init_from"] = args.init_from
+        return config
     saved = checkpoint.get("config")
     if not isinstance(saved, dict):
         raise ConfigError(f"{args.resume}: the checkpoint holds no config; pass one with -c")
     return load_config(None, args.overrides, base=saved)
+
+
+def template_hint(path: str) -> str | None:
+    """When an invalid config is one of the pytorch-segmentation template, how to convert it."""
+    try:
+        old = read_json(path)
+    except ConfigError:
+        return None
+    if not looks_like_template(old):
+        return None
+    return (f"{path} looks like a config of the pytorch-segmentation template; convert it with: "
+            f"python -m utils.migrate {shlex.quote(path)} -o NEW.json")
 
 
 def make_run_dir(config: dict, args: argparse.Namespace) -> Path:
@@ -94,8 +123,8 @@ def _script() -> str:
 
 def _cli_args(args: argparse.Namespace) -> list[str]:
     """The options of this run, quoted for a shell, to repeat them in a suggested command."""
-    options = [("-c", args.config), ("--resume", args.resume), ("--run-dir", args.run_dir),
-               ("--device", args.device)]
+    options = [("-c", args.config), ("--resume", args.resume), ("--init-from", args.init_from),
+               ("--run-dir", args.run_dir), ("--device", args.device)]
     words = [f"{flag} {shlex.quote(str(value))}" for flag, value in options if value is not None]
     return words + [f"--set {shlex.quote(item)}" for item in args.overrides]
 
@@ -103,7 +132,8 @@ def _cli_args(args: argparse.Namespace) -> list[str]:
 def build_components(config: dict, device: torch.device, resuming: bool = False) -> dict:
     """Build every configured object; bad data or arguments fail here, before the run folder exists.
 
-    When ``resuming``, ImageNet weights are not loaded: the checkpoint replaces them.
+    When ``resuming``, ImageNet weights are not loaded (the checkpoint replaces them) and
+    ``init_from`` is ignored. ``init`` in the result reports what ``init_from`` loaded.
     """
     train_loader = build_loader(config, "train_loader", device)
     val_loader = build_loader(config, "val_loader", device) if config["val_loader"] is not None else None
@@ -113,20 +143,41 @@ def build_components(config: dict, device: torch.device, resuming: bool = False)
 
     torch.manual_seed(config["seed"])  # weight initialisation
     model = build_model(config, pretrained=not resuming).to(device)
-    if distributed.is_distributed():
-        if config["use_synch_bn"] and device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif config["use_synch_bn"]:
-            warnings.warn("use_synch_bn: SyncBatchNorm needs CUDA; each CPU process keeps its own "
-                          "batch statistics", stacklevel=1)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(config, getattr(model, "module", model))
+    init = None
+    if config["init_from"] is not None and not resuming:
+        init = load_matching_weights(model, load_checkpoint(config["init_from"]), config["init_from"])
+    if config["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config, model)
+    ema = None
+    if config["trainer"]["ema"] is not None:
+        # Averages buffers too (batch-norm statistics), so the average is a model of its own.
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config["trainer"]["ema"]["decay"]),
+                            use_buffers=True)
+    if config["compile"]:
+        model.compile()  # in place: the module and its state_dict keys stay the same
+    model = wrap_distributed(model, device, config["use_synch_bn"])
     aux_loss = build_loss(config, train_loader.dataset, "aux_loss")
+    steps_per_epoch = math.ceil(len(train_loader) / config["trainer"]["accumulate_steps"])
     return {"model": model, "train_loader": train_loader, "val_loader": val_loader, "optimizer": optimizer,
             "loss": build_loss(config, train_loader.dataset).to(device),
             "aux_loss": aux_loss.to(device) if aux_loss is not None else None,
-            "lr_scheduler": build_scheduler(config, optimizer, len(train_loader))}
+            "lr_scheduler": build_scheduler(config, optimizer, steps_per_epoch), "ema": ema, "init": init}
+
+
+def wrap_distributed(model: torch.nn.Module, device: torch.device, sync_bn: bool) -> torch.nn.Module:
+    """Under torchrun, DistributedDataParallel (with SyncBatchNorm on CUDA when asked); else the model."""
+    if not distributed.is_distributed():
+        return model
+    if sync_bn and device.type == "cuda":
+        # The converted layers take over the same parameter objects: the optimizer still holds them.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif sync_bn:
+        # torch's SyncBatchNorm raises on CPU tensors ("expected input tensor to be on GPU or XPU").
+        warnings.warn("use_synch_bn: SyncBatchNorm needs CUDA; each CPU process keeps its own "
+                      "batch statistics", stacklevel=1)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def build_trainer(config: dict, device: torch.device, run_dir: Path, components: dict | None = None,
@@ -135,7 +186,8 @@ def build_trainer(config: dict, device: torch.device, run_dir: Path, components:
 
     ``meta`` (classes, palette, input normalisation) defaults to that of a new run.
     """
-    components = components if components is not None else build_components(config, device)
+    components = dict(components if components is not None else build_components(config, device))
+    components.pop("init")
     if meta is None:
         mean, std, _ = input_normalization(config, getattr(components["model"], "module", components["model"]))
         meta = dataset_meta(config, (mean, std))
@@ -145,7 +197,8 @@ def build_trainer(config: dict, device: torch.device, run_dir: Path, components:
         tb_dir = (Path(settings["log_dir"]) / config["name"] / run_dir.name
                   if settings["log_dir"] else run_dir / "tensorboard")
     return Trainer(**components, device=device, run_dir=run_dir, settings=settings, config=config,
-                   meta=meta, seed=config["seed"], amp=config["amp"],
+                   meta=meta, seed=config["seed"], amp=amp_mode(config["amp"], device),
+                   channels_last=config["channels_last"],
                    aux_loss_weight=config["aux_loss_weight"], ignore_index=config["ignore_index"],
                    tensorboard_dir=tb_dir)
 
@@ -154,7 +207,7 @@ def run(args: argparse.Namespace) -> dict:
     checkpoint = load_checkpoint(args.resume) if args.resume is not None else None
     config = resolve_config(args, checkpoint)
     if checkpoint is not None:
-        check_compatible(checkpoint, args.resume, config["arch"]["type"], dataset_class(config).num_classes())
+        check_compatible(checkpoint, args.resume, config["arch"]["type"], dataset_info(config).num_classes)
         message = finished_message(checkpoint, config, args.resume)
         if message is not None:  # nothing is built or written
             return {"run_dir": str(Path(args.resume).resolve().parent), "finished": message}
@@ -166,6 +219,9 @@ def run(args: argparse.Namespace) -> dict:
     saved_meta = (checkpoint or {}).get("meta") or {}
     if "mean" in saved_meta:  # a resumed run keeps the normalisation it was trained with
         mean, std, source = saved_meta["mean"], saved_meta["std"], "the resumed checkpoint's"
+    elif components["init"] is not None and "mean" in components["init"]["meta"]:  # so do the loaded weights
+        init_meta = components["init"]["meta"]
+        mean, std, source = init_meta["mean"], init_meta["std"], "the init_from checkpoint's"
     else:
         mean, std, source = input_normalization(config, model)
     if device.type == "cuda":
@@ -177,6 +233,8 @@ def run(args: argparse.Namespace) -> dict:
         write_json(config, run_dir / "config.json")
     if checkpoint is not None:
         trainer.resume(args.resume, checkpoint)
+    if components["init"] is not None:
+        trainer.logger.info(describe_init(config["init_from"], components["init"]))
     trainer.logger.info(f"Training {config['arch']['type']} on {config['train_loader']['type']} "
                         f"({len(trainer.train_loader.dataset)} images) on {device}")
     trainer.logger.info(f"Input normalisation: mean {_rounded(mean)}, std {_rounded(std)} ({source})")

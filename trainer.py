@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from base.base_dataloader import BaseDataLoader, is_worker_failure
 from base.base_dataset import normalize_batch
-from base.base_trainer import BaseTrainer
+from base.base_trainer import EMA_PREFIX, BaseTrainer
 from utils import distributed
-from utils.errors import TrainingError
+from utils.errors import ConfigError, TrainingError
 from utils.logger import TensorBoard
 from utils.metrics import ConfusionMatrix, segmentation_metrics
 from utils.visualize import prediction_grid
@@ -34,6 +36,20 @@ from utils.visualize import prediction_grid
 #: The scores of a validation row (besides the per-class ``iou/NAME``).
 VALIDATION_KEYS = ("val_loss", "pixel_acc", "mean_acc", "mIoU", "fwIoU")
 
+AmpMode = Literal["off", "bf16", "fp16"]
+#: The autocast type of each ``amp`` mode (float16 also scales the loss).
+AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_mode(value: str | bool, device: torch.device) -> AmpMode:
+    """The ``amp`` setting of the config on ``device``: ``true`` is fp16 on CUDA and bf16 elsewhere."""
+    if isinstance(value, bool):
+        return ("fp16" if device.type == "cuda" else "bf16") if value else "off"
+    if value == "fp16" and device.type != "cuda":
+        raise ConfigError(f"amp: 'fp16' needs CUDA (float16 with loss scaling) but training runs on "
+                          f"{device.type}; choose 'bf16' or 'off' (choices: {', '.join(map(repr, AMP_DTYPES))})")
+    return value
+
 
 class Trainer(BaseTrainer):
     """Trains a segmentation model; see :class:`BaseTrainer` for the shared arguments.
@@ -41,12 +57,19 @@ class Trainer(BaseTrainer):
     Args:
         loss: called as ``loss(logits, target)``.
         device: where the model lives.
-        amp: autocast (float16 with loss scaling on CUDA, bfloat16 on the CPU).
+        amp: ``"off"``, ``"bf16"`` (autocast to bfloat16) or ``"fp16"`` (float16 with loss
+            scaling; see :func:`amp_mode` for the config's choices).
         aux_loss: the loss of ``outputs["aux"]`` for models with an auxiliary
             head; ``None`` uses ``loss``.
         aux_loss_weight: weight of the auxiliary loss.
         ignore_index: label value that counts nowhere.
         tensorboard_dir: where TensorBoard events go; None disables them.
+        ema: the moving average of the weights (``trainer.ema``), updated after every
+            optimizer step and validated beside the model; None disables it.
+        channels_last: feed the model channels-last inputs (its weights should be too).
+
+    ``settings["accumulate_steps"]`` and ``settings["clip_grad_norm"]`` shape each
+    optimizer step (see :meth:`_train_epoch`).
 
     The input normalisation (``meta["mean"]``, ``meta["std"]``) is applied on
     the device.
@@ -54,17 +77,22 @@ class Trainer(BaseTrainer):
 
     def __init__(self, *, model: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimizer,
                  lr_scheduler, train_loader, val_loader, device: torch.device, run_dir: Path,
-                 settings: dict, config: dict, meta: dict, seed: int = 42, amp: bool = False,
+                 settings: dict, config: dict, meta: dict, seed: int = 42, amp: AmpMode = "off",
                  aux_loss: nn.Module | None = None, aux_loss_weight: float = 0.4, ignore_index: int = 255,
-                 tensorboard_dir: Path | None = None) -> None:
-        use_scaler = amp and device.type == "cuda"
+                 tensorboard_dir: Path | None = None, ema: AveragedModel | None = None,
+                 channels_last: bool = False) -> None:
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
         super().__init__(model, optimizer, lr_scheduler, train_loader, val_loader, run_dir, settings,
-                         config, meta, seed, torch.amp.GradScaler(device.type, enabled=use_scaler))
+                         config, meta, seed, torch.amp.GradScaler(device.type, enabled=amp == "fp16"), ema)
         self.loss = loss
         self.aux_loss = aux_loss
         self.device = device
         self.amp = amp
-        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        self.amp_dtype = AMP_DTYPES[amp]
+        self.channels_last = channels_last
+        self.accumulate_steps = settings["accumulate_steps"]
+        self.clip_grad_norm = settings["clip_grad_norm"]
         self.aux_loss_weight = aux_loss_weight
         self.ignore_index = ignore_index
         self.mean, self.std = meta["mean"], meta["std"]
@@ -74,11 +102,14 @@ class Trainer(BaseTrainer):
         self._val_sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _autocast(self):
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype,
+                              enabled=self.amp_dtype is not None)
 
     def _to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``uint8`` images and compact labels -> the normalised float input and int64 targets, on the device."""
         images = normalize_batch(images.to(self.device, non_blocking=True), self.mean, self.std)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return images, targets.to(self.device, non_blocking=True).long()
 
     def compute_loss(self, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
@@ -109,6 +140,13 @@ class Trainer(BaseTrainer):
             yield batch
 
     def _train_epoch(self, epoch: int, start_iter: int) -> dict[str, float]:
+        """One epoch from batch ``start_iter``.
+
+        With ``accumulate_steps`` k, the gradients of k batches are added up before
+        each optimizer step (the epoch's last group may be shorter; its losses are
+        averaged over its own size). Checks (and so stops) happen only after a
+        step, so a checkpoint never holds half-accumulated gradients.
+        """
         self.model.train()
         loader = self.train_loader
         loader.set_epoch(epoch, skip_batches=start_iter)
@@ -120,24 +158,41 @@ class Trainer(BaseTrainer):
         bar = tqdm(total=iters, initial=start_iter, desc=f"train {epoch}/{self.epochs}",
                    disable=None if self.show_progress else True, dynamic_ncols=True, leave=False)
         rate = ImageRate()
+        log_every, k = self.settings["log_per_iter"], self.accumulate_steps
+        next_check = (start_iter // log_every + 1) * log_every
+        group_losses: list[torch.Tensor] = []  # the losses of the batches since the last step
         for images, targets in self._batches(loader):
             images, targets = self._to_device(images, targets)
             lr = self.optimizer.param_groups[0]["lr"]
-            with self._autocast():
-                loss = self.compute_loss(self._forward(images), targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.lr_scheduler.step()
+            group_start = self.iteration - self.iteration % k
+            group_size = min(k, iters - group_start)
+            steps = self.iteration + 1 == group_start + group_size
+            if self.iteration == group_start:
+                self.optimizer.zero_grad(set_to_none=True)
+            # Under DDP only the batch before a step reduces gradients across processes.
+            no_sync = self.model.no_sync() if hasattr(self.model, "no_sync") and not steps else nullcontext()
+            with no_sync:
+                with self._autocast():
+                    loss = self.compute_loss(self._forward(images), targets)
+                self.scaler.scale(loss / group_size).backward()
             self.iteration += 1
-            window.add(loss.detach(), self.iteration)
+            group_losses.append(loss.detach())
             bar.update(1)
             rate.update(images.shape[0])
-            if self.iteration % self.settings["log_per_iter"] == 0 or self.iteration == iters:
+            if not steps:
+                continue
+            self._optimizer_step()
+            for i, value in enumerate(group_losses):
+                window.add(value, group_start + i + 1)
+            group_losses.clear()
+            if self.iteration >= next_check or self.iteration == iters:
+                next_check = (self.iteration // log_every + 1) * log_every
                 self._check(epoch, window, totals, lr, iters, bar, rate)
                 if self._stop_requested:
                     break
+        if group_losses:  # a worker ended the epoch after a stop request, within a group: redo it on resume
+            self.iteration -= len(group_losses)
+            self.optimizer.zero_grad(set_to_none=True)
         if window.count:  # the epoch ended between checks (a worker ended it after a stop request)
             self._check(epoch, window, totals, lr, iters, bar, rate)
         bar.close()
@@ -145,6 +200,17 @@ class Trainer(BaseTrainer):
         if lr is not None:
             logs["lr"] = lr  # the rate of the epoch's last iteration
         return logs
+
+    def _optimizer_step(self) -> None:
+        """Clip, step (through the loss scaler), advance the schedule and the weight average."""
+        if self.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(self.unwrapped_model.parameters(), self.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.unwrapped_model)
 
     def _check(self, epoch: int, window: LossWindow, totals: dict, lr: float | None, iters: int,
                bar: tqdm, rate: ImageRate) -> None:
@@ -182,14 +248,21 @@ class Trainer(BaseTrainer):
     def _valid_epoch(self, epoch: int) -> dict[str, Any]:
         # Under torchrun each process validates its own unpadded shard with the bare model:
         # shards may differ in length, and DDP's forward would wait for the other processes.
-        model = self.unwrapped_model
+        row = self._evaluate(self.unwrapped_model, epoch, "val")
+        if self.ema is not None:
+            ema_row = self._evaluate(self.ema.module, epoch, "val ema")
+            row.update({f"{EMA_PREFIX}{key}": value for key, value in ema_row.items()})
+        return row
+
+    def _evaluate(self, model: nn.Module, epoch: int, label: str) -> dict[str, Any]:
+        """Loss and metrics of ``model`` on the validation set (all processes' shards together)."""
         distributed.broadcast_buffers(model)  # every process evaluates rank 0's weights
         model.eval()
         self.confusion.reset()
         self.val_loader.set_epoch(epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        count, self._val_sample = 0, None
-        bar = tqdm(total=len(self.val_loader), desc=f"val {epoch}/{self.epochs}", dynamic_ncols=True,
+        count, sample = 0, None
+        bar = tqdm(total=len(self.val_loader), desc=f"{label} {epoch}/{self.epochs}", dynamic_ncols=True,
                    leave=False, disable=None if self.show_progress else True)
         rate = ImageRate()
         for raw_images, raw_targets in self._batches(self.val_loader):
@@ -201,13 +274,15 @@ class Trainer(BaseTrainer):
             self.confusion.update(preds, targets)
             loss_sum += loss.detach().double() * images.shape[0]
             count += images.shape[0]
-            if self._val_sample is None:
-                self._val_sample = (raw_images[:4], raw_targets[:4], preds[:4].cpu())
+            if sample is None:
+                sample = (raw_images[:4], raw_targets[:4], preds[:4].cpu())
             bar.update(1)
             bar.set_postfix(img_s=f"{rate.update(images.shape[0]):.1f}", refresh=False)
             if self._stop_requested:
                 break
         bar.close()
+        if model is self.unwrapped_model:
+            self._val_sample = sample
         self.confusion.all_reduce()
         metrics = segmentation_metrics(self.confusion.matrix, self.meta["class_names"])
         row = {"val_loss": _reduced_mean(loss_sum.item(), count, self.device),
@@ -221,7 +296,8 @@ class Trainer(BaseTrainer):
         if "val_loss" not in row:
             return
         for key, value in row.items():
-            if key in VALIDATION_KEYS or key.startswith("iou/"):
+            name = key.removeprefix(EMA_PREFIX)
+            if name in VALIDATION_KEYS or name.startswith("iou/"):
                 self.tb.scalar(f"val/{key}", value, epoch)
         if self._val_sample is not None:
             images, targets, preds = self._val_sample

@@ -5,7 +5,7 @@ A concrete trainer implements :meth:`BaseTrainer._train_epoch` and
 
 Resume is exact: a checkpoint records the epoch, how many of its iterations are
 done and whether its validation ran, plus the model, optimizer, scheduler,
-scaler and RNG states. Data order and augmentation are pure functions of
+scaler, weight-average (EMA) and RNG states. Data order and augmentation are pure functions of
 ``(seed, epoch)``, so a run stopped anywhere (Ctrl-C, SIGTERM, a crash after a
 checkpoint) and resumed with the same config gives the same weights, bit for
 bit on the CPU, as the uninterrupted run. (A schedule's shape depends on
@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from base.base_dataloader import STOP_SIGNALS
 from utils import distributed
@@ -30,6 +31,10 @@ from utils.checkpoint import load_checkpoint, load_model_weights, rng_state, sav
 from utils.errors import CheckpointError, ConfigError, TrainingError
 from utils.files import write_json
 from utils.logger import MetricsCSV, plot_learning_curves, run_logger
+
+#: Prefix of the validation scores of the weights' moving average in a history row (``ema/mIoU``).
+EMA_PREFIX = "ema/"
+
 # torchrun forwards the terminal's Ctrl-C to its workers, which then see it twice in
 # quick succession; only a press after this many seconds means "quit without saving".
 FORCE_QUIT_AFTER = 2.0
@@ -62,11 +67,13 @@ class BaseTrainer:
         meta: facts inference needs without data (arch, num_classes, class names, palette...).
         seed: the run's seed.
         scaler: a ``torch.amp.GradScaler`` (disabled when not using float16).
+        ema: the moving average of the weights, or None. Its scores (``ema/mIoU``...)
+            pick its own best model, ``best_model_ema.pth``; early stop follows the model's.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
                  train_loader, val_loader, run_dir: Path, settings: dict, config: dict,
-                 meta: dict, seed: int, scaler: torch.amp.GradScaler) -> None:
+                 meta: dict, seed: int, scaler: torch.amp.GradScaler, ema: AveragedModel | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -78,6 +85,7 @@ class BaseTrainer:
         self.meta = meta
         self.seed = seed
         self.scaler = scaler
+        self.ema = ema
         self.epochs = settings["epochs"]
         self.logger = run_logger(self.run_dir)
         self.csv = MetricsCSV(self.run_dir / "metrics.csv")
@@ -88,8 +96,8 @@ class BaseTrainer:
         if self.monitor_mode != "off" and self.val_loader is None:
             self.logger.warning(f"trainer.monitor is '{settings['monitor']}' but there is no validation: "
                                 "no best_model.pth and no early stop (set monitor to 'off' to silence this)")
-        self.best = -math.inf if self.monitor_mode == "max" else math.inf
-        self.best_epoch = 0
+        self.best = self.best_ema = self._worst()
+        self.best_epoch = self.best_ema_epoch = 0
         self.not_improved = 0
         self.history: list[dict] = []
 
@@ -151,13 +159,14 @@ class BaseTrainer:
         if self._stop_agreed():
             self._interrupt(epoch)
         row: dict[str, Any] = {"epoch": epoch, **logs}
-        improved = False
+        improved = ema_improved = False
         if self.val_loader is not None and (epoch % self.settings["val_per_epochs"] == 0 or epoch == self.epochs):
             metrics = self._valid_epoch(epoch)
             if self._stop_agreed():
                 self._interrupt(epoch)
             row.update(metrics)
             improved = self._update_monitor(row)
+            ema_improved = self._update_ema_monitor(row)
         row["time"] = round(time.perf_counter() - started, 2)
         self.history.append(row)
         self._log_epoch(epoch, row)
@@ -169,8 +178,13 @@ class BaseTrainer:
         if stop or epoch == self.epochs:
             self.finished = "early stop" if stop else "last epoch"
         if improved:
-            self._save_best(epoch, row)
+            self._save_best("best_model.pth", self.unwrapped_model, epoch, row)
             self.logger.info(f"  saved best_model.pth ({self.monitor_metric} = {self.best:.4f})")
+        if ema_improved:
+            ema_row = {"epoch": epoch, **{k.removeprefix(EMA_PREFIX): v for k, v in row.items()
+                                          if k.startswith(EMA_PREFIX)}}
+            self._save_best("best_model_ema.pth", self.ema.module, epoch, ema_row)
+            self.logger.info(f"  saved best_model_ema.pth (EMA {self.monitor_metric} = {self.best_ema:.4f})")
         if epoch % self.settings["save_period"] == 0 or self.finished:
             self._save("checkpoint.pth", epoch, self.iteration, epoch_done=True)
         if stop:
@@ -184,12 +198,28 @@ class BaseTrainer:
         value = row.get(self.monitor_metric)
         if value is None:
             raise TrainingError(f"trainer.monitor: metric '{self.monitor_metric}' was not computed")
-        better = value > self.best if self.monitor_mode == "max" else value < self.best
+        better = self._better(value, self.best)
         if better:
             self.best, self.best_epoch, self.not_improved = value, row["epoch"], 0
         else:
             self.not_improved += 1
         return better
+
+    def _update_ema_monitor(self, row: dict) -> bool:
+        """Whether the weight average's score beats its best so far (it has its own best model)."""
+        if self.ema is None or self.monitor_mode == "off":
+            return False
+        value = row[EMA_PREFIX + self.monitor_metric]
+        if not self._better(value, self.best_ema):
+            return False
+        self.best_ema, self.best_ema_epoch = value, row["epoch"]
+        return True
+
+    def _better(self, value: float, best: float) -> bool:
+        return value > best if self.monitor_mode == "max" else value < best
+
+    def _worst(self) -> float:
+        return -math.inf if self.monitor_mode == "max" else math.inf
 
     def _finish(self) -> dict:
         summary = {"run_dir": str(self.run_dir), "epochs_trained": len(self.history),
@@ -197,6 +227,8 @@ class BaseTrainer:
         if self.monitor_mode != "off" and self.best_epoch:
             best_row = next(row for row in self.history if row["epoch"] == self.best_epoch)
             summary.update(best_epoch=self.best_epoch, best_metrics=best_row)
+        if self.ema is not None and self.monitor_mode != "off" and self.best_ema_epoch:
+            summary["best_ema_epoch"] = self.best_ema_epoch
         if self.history:
             summary["last_metrics"] = self.history[-1]
         if distributed.is_main_process():
@@ -207,7 +239,8 @@ class BaseTrainer:
     @staticmethod
     def _format_row(row: dict) -> str:
         parts = [f"epoch {row['epoch']}"]
-        for key in ("train_loss", "val_loss", "mIoU", "pixel_acc", "mean_acc", "fwIoU", "lr", "time"):
+        for key in ("train_loss", "val_loss", "mIoU", "pixel_acc", "mean_acc", "fwIoU", EMA_PREFIX + "mIoU", "lr",
+                    "time"):
             if isinstance(row.get(key), (int, float)):
                 parts.append(f"{key} {row[key]:.4g}")
         return " | ".join(parts)
@@ -275,6 +308,7 @@ class BaseTrainer:
         return {"train_loader.args.batch_size": loader.batch_size,
                 "number of processes (torchrun --nproc_per_node x nodes)": distributed.get_world_size(),
                 "train_loader.args.drop_last": loader.drop_last,
+                "trainer.accumulate_steps": self.settings["accumulate_steps"],
                 "train_loader.args.subset": self.config["train_loader"]["args"].get("subset"),
                 "train_loader.args.shuffle": loader.sampler.shuffle,
                 "seed": self.seed,
@@ -291,24 +325,26 @@ class BaseTrainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "epoch": epoch, "iteration": iteration, "epoch_iters": self.epoch_iters,
             "epoch_done": epoch_done, "finished": self.finished,
             "batch_size": self.train_loader.batch_size, "position": self._position(),
             "partial": dict(self.partial),
             "monitor": self.settings["monitor"], "best": self.best, "best_epoch": self.best_epoch,
             "not_improved": self.not_improved, "history": self.history,
+            "best_ema": self.best_ema, "best_ema_epoch": self.best_ema_epoch,
             "rng": rng_state(), "config": self.config,
         }
         save_atomic(state, path)
         return path
 
-    def _save_best(self, epoch: int, row: dict[str, Any]) -> None:
-        """``best_model.pth``: what inference and fine-tuning need (weights, classes, config), no training state."""
+    def _save_best(self, filename: str, model: nn.Module, epoch: int, row: dict[str, Any]) -> None:
+        """A best model: what inference and fine-tuning need (weights, classes, config), no training state."""
         if distributed.is_main_process():
             save_atomic({"arch": self.meta["arch"], "num_classes": self.meta["num_classes"], "meta": self.meta,
-                         "model": self.unwrapped_model.state_dict(), "config": self.config,
+                         "model": model.state_dict(), "config": self.config,
                          "epoch": epoch, "monitor": self.settings["monitor"], "metrics": row},
-                        self.run_dir / "best_model.pth")
+                        self.run_dir / filename)
 
     def _check_position(self, path: str | Path, state: dict) -> None:
         """Refuse a mid-epoch resume whose batches would differ (samples skipped or repeated)."""
@@ -332,9 +368,11 @@ class BaseTrainer:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             if self.scaler.is_enabled() and state["scaler"]:  # empty when saved without float16 AMP
                 self.scaler.load_state_dict(state["scaler"])
+            self._resume_ema(path, state)
             set_rng_state(state["rng"])
             self.best, self.best_epoch = state["best"], state["best_epoch"]
             self.not_improved, self.history = state["not_improved"], list(state["history"])
+            self.best_ema, self.best_ema_epoch = state.get("best_ema", self._worst()), state.get("best_ema_epoch", 0)
             # The saved sums are the total over all processes: one process takes them back.
             partial = dict(state["partial"])
             if not distributed.is_main_process():
@@ -347,10 +385,24 @@ class BaseTrainer:
             self.not_improved = 0
         if state.get("monitor") != self.settings["monitor"]:
             self.logger.warning(f"monitor changed from {state.get('monitor')!r}; best value reset")
-            self.best = -math.inf if self.monitor_mode == "max" else math.inf
-            self.best_epoch, self.not_improved = 0, 0
+            self.best = self.best_ema = self._worst()
+            self.best_epoch, self.best_ema_epoch, self.not_improved = 0, 0, 0
         self.start_epoch, self.start_iter = (epoch + 1, 0) if done else (epoch, iteration)
         if trained:  # skip the whole training part of the epoch, whatever its length is now
             self.start_iter = len(self.train_loader)
         self.iteration = self.start_iter
         self.logger.info(f"Resumed from {path}: epoch {self.start_epoch}, iteration {self.start_iter}")
+
+    def _resume_ema(self, path: str | Path, state: dict) -> None:
+        """The weight average's state; a run that enables EMA on resume starts it from the current weights."""
+        if self.ema is None:
+            return
+        if state.get("ema") is None:
+            self.logger.warning(f"{path}: the checkpoint has no weight average (trainer.ema was off); "
+                                "it starts from the resumed weights")
+            return
+        try:
+            self.ema.load_state_dict(state["ema"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: the saved weight average does not fit the model: "
+                                  f"{str(exc).splitlines()[0]}") from exc

@@ -37,11 +37,13 @@ def test_missing_config_file(tmp_path):
 def test_resolved_config_has_defaults(tiny_config):
     resolved = validate_config(tiny_config)
     assert resolved["ignore_index"] == 255
-    assert resolved["amp"] is False
+    assert resolved["amp"] == "off"
     assert resolved["trainer"]["early_stop"] == 0
     assert resolved["trainer"]["val_per_epochs"] == 1
-    assert resolved["arch"]["args"] == {"in_channels": 3, "base_channels": 4, "depth": 2,
-                                        "upsampling": "bilinear"}
+    assert resolved["arch"]["args"] == {"backbone": None, "in_channels": 3, "base_channels": 4, "depth": 2,
+                                        "decoder_channels": None, "upsampling": "bilinear", "output_stride": 32,
+                                        "pretrained": False, "weights_path": None, "freeze_bn": False,
+                                        "freeze_backbone": False}
     assert resolved["optimizer"]["differential_lr"] is False
     assert resolved["optimizer"]["args"] == {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4,
                                              "nesterov": False}
@@ -69,7 +71,9 @@ def test_unknown_model_argument_names_dotted_path(tiny_config):
 def test_unknown_type_lists_choices(tiny_config):
     tiny_config["arch"]["type"] = "UNett"
     message = error_of(tiny_config)
-    assert "arch.type: unknown model 'UNett'. Did you mean 'UNet'? Available: DeepLabV3Plus, UNet" in message
+    assert "arch.type: unknown model 'UNett'. Did you mean 'UNet'? Available: " in message
+    from utils.registry import MODELS
+    assert message.split("Available: ")[1].split(", ") == MODELS.names()
 
 
 def test_wrong_type_names_expected_type(tiny_config):

@@ -8,7 +8,7 @@ import torch
 
 from utils.build import build_optimizer, build_scheduler
 from utils.config import validate_config
-from utils.schedules.iteration import OneCycle, Poly, poly_factor
+from utils.schedules.iteration import Constant, Cosine, OneCycle, Poly, Step
 from utils.registry import MODELS
 
 
@@ -36,7 +36,55 @@ def test_poly_warmup():
     # 4 warm-up iterations from 0.2: 0.2, 0.4, 0.6, 0.8, then (1 - (t-4)/6)^1 over the last 6
     scheduler = Poly(sgd(), num_epochs=1, iters_per_epoch=10, power=1.0, warmup_epochs=0.4, warmup_ratio=0.2)
     assert lrs(scheduler, 10) == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
-    assert poly_factor(25, 20) == 0.0  # past the end it stays at zero
+    assert scheduler.factor(25) == 0.0  # past the end it stays at zero
+
+
+def test_constant_with_warmup():
+    # 3 warm-up iterations from 0.4: 0.4, 0.6, 0.8, then 1 for good.
+    scheduler = Constant(sgd(2.0), num_epochs=2, iters_per_epoch=3, warmup_epochs=1, warmup_ratio=0.4)
+    assert lrs(scheduler, 6) == pytest.approx([0.8, 1.2, 1.6, 2.0, 2.0, 2.0])
+
+
+def test_step_is_the_enet_recipe():
+    # x0.1 every 100 epochs of 7 iterations: 1 up to iteration 699, 0.1 from 700, 0.01 from 1400.
+    scheduler = Step(sgd(), num_epochs=300, iters_per_epoch=7, step_epochs=100, gamma=0.1)
+    values = lrs(scheduler, 1401)
+    assert values[0] == values[699] == 1.0
+    assert values[700] == pytest.approx(0.1) and values[1399] == pytest.approx(0.1)
+    assert values[1400] == pytest.approx(0.01)
+
+
+def test_step_counts_from_the_start_with_warmup():
+    # Steps of 4 iterations (2 epochs of 2), warm-up of 2 iterations from 0.5: 0.5, 0.75, 1, 1, 0.5, ...
+    scheduler = Step(sgd(), num_epochs=4, iters_per_epoch=2, step_epochs=2, gamma=0.5, warmup_epochs=1,
+                     warmup_ratio=0.5)
+    assert lrs(scheduler, 8) == pytest.approx([0.5, 0.75, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+
+
+def test_cosine_values():
+    # 9 iterations, no warm-up, to 0.1: 0.1 + 0.9 * (1 + cos(pi t / 9)) / 2
+    values = lrs(Cosine(sgd(), num_epochs=3, iters_per_epoch=3, min_ratio=0.1), 9)
+    assert values[0] == pytest.approx(1.0)
+    assert values[3] == pytest.approx(0.1 + 0.9 * 0.75)  # cos(pi / 3) = 0.5
+    assert values[6] == pytest.approx(0.1 + 0.9 * 0.25)  # cos(2 pi / 3) = -0.5
+    assert lrs(Cosine(sgd(), num_epochs=1, iters_per_epoch=4), 4) == pytest.approx(
+        [1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2])
+
+
+def test_cosine_with_warmup():
+    # 2 warm-up iterations from 0 (0, 0.5), then cosine over the remaining 4: 1, 0.853.., 0.5, 0.146..
+    scheduler = Cosine(sgd(), num_epochs=2, iters_per_epoch=3, warmup_epochs=2 / 3, warmup_ratio=0.0)
+    assert lrs(scheduler, 6) == pytest.approx([0.0, 0.5, 1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5,
+                                               (1 + math.cos(3 * math.pi / 4)) / 2])
+
+
+@pytest.mark.parametrize("schedule", ["Constant", "Step", "Cosine"])
+def test_new_schedules_from_config(tiny_config, schedule):
+    tiny_config["lr_scheduler"] = {"type": schedule, "args": {"warmup_epochs": 1.0, "warmup_ratio": 0.5}}
+    config = validate_config(tiny_config)
+    optimizer = sgd(0.1)
+    scheduler = build_scheduler(config, optimizer, iters_per_epoch=4)
+    assert lrs(scheduler, 2) == pytest.approx([0.05, 0.0625])  # the warm-up: 0.1 * (0.5 + 0.5 * t / 4)
 
 
 def test_one_cycle_values():
@@ -65,6 +113,12 @@ def test_bad_schedule_args():
         OneCycle(sgd(), 1, 10, pct_start=1.5)
     with pytest.raises(ValueError, match="power must be > 0"):
         Poly(sgd(), 1, 10, power=0)
+    with pytest.raises(ValueError, match="need step_epochs > 0 and 0 < gamma <= 1"):
+        Step(sgd(), 1, 10, gamma=0)
+    with pytest.raises(ValueError, match="min_ratio must be in"):
+        Cosine(sgd(), 1, 10, min_ratio=2)
+    with pytest.raises(ValueError, match="need warmup_epochs >= 0"):
+        Constant(sgd(), 1, 10, warmup_epochs=-1)
 
 
 @pytest.mark.parametrize("differential, expected", [(True, {"decoder": 0.02, "backbone": 0.002}),

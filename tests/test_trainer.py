@@ -63,12 +63,19 @@ def interrupt_then_resume(config: dict, tmp_path: Path, at_call: int, action: st
 DEEPLAB = {"type": "DeepLabV3Plus", "args": {"backbone": "resnet18"}}  # has dropout (in ASPP)
 
 
-@pytest.mark.parametrize("at_call, arch", [(8, None), (9, DEEPLAB)], ids=["end_of_epoch_2", "mid_epoch_3"])
-def test_resume_is_bit_exact(tiny_config, tmp_path, at_call, arch):
+# Accumulation over 2 batches, gradient clipping, a weight average and channels-last weights.
+TOOLS = {"trainer": {"accumulate_steps": 2, "clip_grad_norm": 0.5, "ema": {"decay": 0.9}}, "channels_last": True}
+
+
+@pytest.mark.parametrize("at_call, arch, tools", [(8, None, {}), (9, DEEPLAB, {}), (9, None, TOOLS)],
+                         ids=["end_of_epoch_2", "mid_epoch_3", "mid_epoch_3_with_training_tools"])
+def test_resume_is_bit_exact(tiny_config, tmp_path, at_call, arch, tools):
     """4 epochs straight == interrupted (at an epoch end, or mid-epoch) and resumed."""
     tiny_config["trainer"]["epochs"] = 4  # 24 images / batch 6 = 4 iterations per epoch
     if arch is not None:
         tiny_config["arch"] = arch
+    tiny_config["trainer"].update(tools.get("trainer", {}))
+    tiny_config.update({k: v for k, v in tools.items() if k != "trainer"})
     straight = make_trainer(tiny_config, tmp_path / "straight")
     straight_summary = straight.train()
 
@@ -83,6 +90,10 @@ def test_resume_is_bit_exact(tiny_config, tmp_path, at_call, arch):
     for a, b in zip(straight.optimizer.state_dict()["state"].values(),
                     resumed.optimizer.state_dict()["state"].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    if tools:  # stopped on batch 1 of epoch 3, i.e. after the step of its first group of 2 batches
+        assert "epoch 3, iteration 2" in (tmp_path / "interrupted" / "train.log").read_text()
+        for key, value in straight.ema.state_dict().items():
+            assert torch.equal(value, resumed.ema.state_dict()[key]), key
     drop_time = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
     assert drop_time(straight.history) == drop_time(resumed.history)
     assert straight_summary["best_epoch"] == resumed_summary["best_epoch"]
@@ -247,8 +258,9 @@ def test_resume_with_float16_scaler_from_a_run_without_it(tiny_config, tmp_path)
     (lambda c: c["train_loader"]["args"].update(subset=18), "train_loader.args.subset None, now 18"),
     (lambda c: c["train_loader"]["args"].update(shuffle=False), "train_loader.args.shuffle True, now False"),
     (lambda c: c.update(seed=8), "seed 7, now 8"),
+    (lambda c: c["trainer"].update(accumulate_steps=2), "trainer.accumulate_steps 1, now 2"),
     (lambda c: c["train_loader"]["args"].update(num_samples=30), "number of training samples 24, now 30"),
-], ids=["batch_size", "drop_last", "subset", "shuffle", "seed", "samples"])
+], ids=["batch_size", "drop_last", "subset", "shuffle", "seed", "accumulate_steps", "samples"])
 def test_mid_epoch_resume_needs_the_same_batches(tiny_config, tmp_path, change, message):
     trainer = make_trainer(tiny_config, tmp_path / "run")
     trainer.loss = LossHook(trainer.loss, 2, "sigint")

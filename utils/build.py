@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from base.base_dataloader import BaseDataLoader
-from base.base_dataset import BaseDataSet
+from base.base_dataset import BaseDataSet, ClassInfo
 from utils import distributed
 from utils.config import LOADER_KEYS
 from utils.errors import ConfigError
@@ -27,17 +27,26 @@ def dataset_class(config: dict) -> type[BaseDataSet]:
     return DATASETS.get(config["train_loader"]["type"], "train_loader.type")
 
 
+def dataset_info(config: dict) -> ClassInfo:
+    """The classes, palette and statistics of the run's data set as configured.
+
+    Benchmarks have them as class attributes; ``Folder`` reads them from its
+    config args (or the ``classes.json`` beside the data).
+    """
+    return dataset_class(config).info(config["train_loader"]["args"])
+
+
 def dataset_meta(config: dict, normalization: tuple[Sequence[float], Sequence[float]] | None = None) -> dict:
     """What inference needs without data on disk; saved in every checkpoint.
 
     ``normalization``: the input ``(mean, std)`` the model is trained with
     (see :func:`input_normalization`); default: the data set's own.
     """
-    cls = dataset_class(config)
-    mean, std = normalization if normalization is not None else (cls.mean, cls.std)
+    info = dataset_info(config)
+    mean, std = normalization if normalization is not None else (info.mean, info.std)
     return {"arch": config["arch"]["type"], "dataset": config["train_loader"]["type"],
-            "num_classes": cls.num_classes(), "class_names": list(cls.class_names),
-            "palette": [list(c) for c in cls.palette], "mean": list(mean), "std": list(std),
+            "num_classes": info.num_classes, "class_names": list(info.class_names),
+            "palette": [list(c) for c in info.palette], "mean": list(mean), "std": list(std),
             "ignore_index": config["ignore_index"]}
 
 
@@ -51,8 +60,8 @@ def input_normalization(config: dict, model: nn.Module) -> tuple[tuple, tuple, s
     pretrained = model.pretrained_normalization() if hasattr(model, "pretrained_normalization") else None
     if pretrained is not None:
         return tuple(pretrained[0]), tuple(pretrained[1]), "the pretrained encoder's"
-    cls = dataset_class(config)
-    return tuple(cls.mean), tuple(cls.std), f"the data set's ({cls.__name__})"
+    info = dataset_info(config)
+    return tuple(info.mean), tuple(info.std), f"the data set's ({config['train_loader']['type']})"
 
 
 def gives_fixed_size(transforms: Sequence) -> bool:
@@ -92,7 +101,7 @@ def build_model(config: dict, pretrained: bool = True) -> nn.Module:
     spec = config["arch"]
     if not pretrained and spec["args"].get("pretrained"):
         spec = {**spec, "args": {**spec["args"], "pretrained": False, "weights_path": None}}
-    return MODELS.build(spec, "arch", num_classes=dataset_class(config).num_classes())
+    return MODELS.build(spec, "arch", num_classes=dataset_info(config).num_classes)
 
 
 def build_loss(config: dict, train_dataset: BaseDataSet, key: str = "loss") -> nn.Module | None:

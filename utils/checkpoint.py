@@ -92,3 +92,43 @@ def _as_tuple(value):
     if isinstance(value, list):
         return tuple(_as_tuple(v) for v in value)
     return value
+
+
+
+def load_matching_weights(model: nn.Module, state: dict, path: str | Path) -> dict:
+    """Fine-tuning start: load the checkpoint's weights whose names and shapes match ``model``'s.
+
+    The others keep their fresh initialisation (e.g. a classifier for another
+    number of classes). A checkpoint of which nothing fits is refused.
+
+    Returns:
+        ``loaded`` (names), ``reshaped`` (name -> (saved shape, model shape)),
+        ``missing`` (model names absent from the checkpoint), ``unused``
+        (checkpoint names the model lacks) and the checkpoint's ``meta``.
+    """
+    saved, own = state["model"], model.state_dict()
+    common = [name for name in saved if name in own]
+    loaded = [name for name in common if own[name].shape == saved[name].shape]
+    if not loaded:
+        raise CheckpointError(f"{path}: none of its {len(saved)} weights fits the configured model by name "
+                              "and shape; init_from needs a checkpoint of a related model")
+    model.load_state_dict({name: saved[name] for name in loaded}, strict=False)
+    return {"loaded": loaded,
+            "reshaped": {name: (tuple(saved[name].shape), tuple(own[name].shape))
+                         for name in common if name not in loaded},
+            "missing": [name for name in own if name not in saved],
+            "unused": [name for name in saved if name not in own], "meta": state.get("meta") or {}}
+
+
+def describe_init(path: str | Path, report: dict) -> str:
+    """What :func:`load_matching_weights` did, for the run log."""
+    total = len(report["loaded"]) + len(report["reshaped"]) + len(report["missing"])
+    lines = [f"Initialised from {path}: loaded {len(report['loaded'])} of the model's {total} tensors"]
+    if report["reshaped"]:
+        lines.append("  not loaded, shape differs (initialised afresh): " + ", ".join(
+            f"{name} {saved} -> {own}" for name, (saved, own) in report["reshaped"].items()))
+    if report["missing"]:
+        lines.append("  not in the checkpoint (initialised afresh): " + ", ".join(report["missing"]))
+    if report["unused"]:
+        lines.append("  in the checkpoint but not in the model (ignored): " + ", ".join(report["unused"]))
+    return "\n".join(lines)

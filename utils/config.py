@@ -52,7 +52,16 @@ TOP_LEVEL = {
                          "torchrun --nproc_per_node=N train.py -c CONFIG."),
     "use_synch_bn": Key(bool, False, "Convert batch norm to SyncBatchNorm when training on several GPUs."),
     "seed": Key(int, 42, "Seed of weight init, data order and augmentation."),
-    "amp": Key(bool, False, "Mixed precision (float16 on CUDA, bfloat16 on CPU)."),
+    "amp": Key(Literal["off", "bf16", "fp16"] | bool, "off",
+               "Mixed precision: 'off', 'bf16' (CPU and CUDA) or 'fp16' (CUDA only, with loss scaling); "
+               "true means fp16 on CUDA and bf16 on the CPU, false means off."),
+    "compile": Key(bool, False, "Compile the model with torch.compile (a slower first iteration, "
+                                "then faster ones)."),
+    "channels_last": Key(bool, False, "Keep the model's weights and inputs in channels-last memory "
+                                      "order (faster convolutions on recent GPUs and CPUs)."),
+    "init_from": Key(str | None, None, "Checkpoint to start a new run from: its weights whose names and "
+                                       "shapes match are loaded, the rest are initialised afresh "
+                                       "(--init-from sets it)."),
     "ignore_index": Key(int, 255, "Label value ignored by losses and metrics; data sets map void to it."),
     "aux_loss_weight": Key(float, 0.4, "Weight of the auxiliary head's loss, for models that have one."),
     "cache_dir": Key(str, "saved/cache", "Where computed class weights are cached."),
@@ -90,6 +99,30 @@ TRAINER_KEYS = {
     "val": Key(bool, True, "Run validation."),
     "val_per_epochs": Key(int, 1, "Validate every N epochs (and after the last)."),
     "progress_bar": Key(bool, True, "Show tqdm progress bars."),
+    "accumulate_steps": Key(int, 1, "Add the gradients of N batches before each optimizer step (the "
+                                    "schedule counts optimizer steps)."),
+    "clip_grad_norm": Key(float | None, None, "Scale the gradients down when their global L2 norm exceeds "
+                                              "this value; null disables clipping."),
+    "ema": Key(dict | None, None, "Exponential moving average of the weights, e.g. {\"decay\": 0.999}: "
+                                  "validated beside the model and saved as best_model_ema.pth; null disables."),
+}
+
+EMA_KEYS = {
+    "decay": Key(float, 0.999, "Weight of the old average at each optimizer step (0 < decay < 1)."),
+}
+
+#: The ``inference`` section (read by ``inference.py``; flags override it).
+INFERENCE_KEYS = {
+    "mode": Key(Literal["single", "sliding", "multiscale"], "single",
+                "single: whole images; sliding: overlapping tiles; multiscale: several scales averaged."),
+    "scales": Key(list[float], [0.5, 0.75, 1.0, 1.25, 1.5, 1.75],
+                  "Scales of multiscale mode (1.0 is the image's own size)."),
+    "flip": Key(bool, False, "Also predict the mirrored image and average (any mode)."),
+    "tile": Key(list[int] | None, None, "[height, width] of sliding-window tiles; with multiscale, each "
+                                        "scale is predicted by tiles when set."),
+    "overlap": Key(float, 1 / 3, "Fraction of a tile shared with its neighbour (0 <= overlap < 1)."),
+    "batch_size": Key(int, 1, "Images (or tiles, in sliding mode) per forward pass."),
+    "amp": Key(Literal["bf16", "fp16"] | None, None, "Autocast the model to bfloat16 or float16."),
 }
 
 
@@ -316,7 +349,7 @@ def validate_config(config: dict) -> dict:
             errors.append(str(exc))
 
     component_keys = ("arch", "train_loader", "val_loader", "optimizer", "loss", "aux_loss", "lr_scheduler",
-                      "trainer")
+                      "trainer", "inference")
     try:
         plain = {k: v for k, v in config.items() if k not in component_keys}
         resolved.update(_check_keys(plain, TOP_LEVEL, "", allowed_extra=component_keys))
@@ -342,6 +375,8 @@ def validate_config(config: dict) -> dict:
     attempt("lr_scheduler", lambda: SCHEDULERS.validate(config.get("lr_scheduler", "Poly"), "lr_scheduler",
                                                                SCHEDULER_INJECTED))
     attempt("trainer", lambda: _validate_trainer(config.get("trainer", {})))
+    if config.get("inference") is not None:  # range checks: utils.predict.inference_settings
+        attempt("inference", lambda: _check_keys(config["inference"], INFERENCE_KEYS, "inference"))
     if not errors:
         errors += _check_derived(resolved)
     if errors:
@@ -358,7 +393,10 @@ def _check_derived(resolved: dict) -> list[str]:
                       "so that the classes agree")
     if not 0 <= resolved["seed"] <= MAX_SEED:
         errors.append(f"seed: must be between 0 and {MAX_SEED}, got {resolved['seed']}")
-    num_classes = DATASETS.get(train_type).num_classes()
+    try:  # Folder reads its classes from its args or a classes.json beside the data
+        num_classes = DATASETS.get(train_type).info(resolved["train_loader"]["args"]).num_classes
+    except ConfigError as exc:
+        return errors + [f"train_loader.args: {exc}"]
     if 0 <= resolved["ignore_index"] < num_classes:
         errors.append(f"ignore_index: {resolved['ignore_index']} is a class of {train_type} "
                       f"(0-{num_classes - 1}); use a value outside, e.g. 255")
@@ -380,6 +418,16 @@ def _validate_trainer(section: Any) -> dict:
     for key in ("epochs", "save_period", "log_per_iter", "val_per_epochs"):
         if trainer[key] < 1:
             raise ConfigError(f"trainer.{key}: must be >= 1, got {trainer[key]}")
+    if trainer["accumulate_steps"] < 1:
+        raise ConfigError(f"trainer.accumulate_steps: must be >= 1, got {trainer['accumulate_steps']}")
+    if trainer["clip_grad_norm"] is not None and trainer["clip_grad_norm"] <= 0:
+        raise ConfigError(f"trainer.clip_grad_norm: must be > 0 (or null to disable), "
+                          f"got {trainer['clip_grad_norm']}")
+    if trainer["ema"] is not None:
+        trainer["ema"] = _check_keys(trainer["ema"], EMA_KEYS, "trainer.ema")
+        if not 0 < trainer["ema"]["decay"] < 1:
+            raise ConfigError(f"trainer.ema.decay: must be between 0 and 1 (exclusive), "
+                              f"got {trainer['ema']['decay']}")
     if trainer["early_stop"] < 0:
         raise ConfigError(f"trainer.early_stop: must be >= 0 (0 disables), got {trainer['early_stop']}")
     _validate_monitor(trainer["monitor"], "trainer.monitor")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -33,25 +32,13 @@ from scipy import ndimage
 from torch import nn
 
 from base.base_dataset import normalize_batch
-from utils.build import build_model, dataset_class, dataset_meta
+from utils.build import build_model, dataset_info, dataset_meta
 from utils.checkpoint import load_checkpoint, load_model_weights
-from utils.config import Key, _check_keys, load_config, read_json
+from utils.config import INFERENCE_KEYS, _check_keys, load_config, read_json
 from utils.errors import ConfigError
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
-INFERENCE_KEYS = {
-    "mode": Key(Literal["single", "sliding", "multiscale"], "single",
-                "single: whole images; sliding: overlapping tiles; multiscale: several scales averaged."),
-    "scales": Key(list[float], [0.5, 0.75, 1.0, 1.25, 1.5, 1.75],
-                  "Scales of multiscale mode (1.0 is the image's own size)."),
-    "flip": Key(bool, False, "Also predict the mirrored image and average (any mode)."),
-    "tile": Key(list[int] | None, None, "[height, width] of sliding-window tiles; with multiscale, each "
-                                        "scale is predicted by tiles when set."),
-    "overlap": Key(float, 1 / 3, "Fraction of a tile shared with its neighbour (0 <= overlap < 1)."),
-    "batch_size": Key(int, 1, "Images (or tiles, in sliding mode) per forward pass."),
-    "amp": Key(Literal["bf16", "fp16"] | None, None, "Autocast the model to bfloat16 or float16."),
-}
 
 
 @dataclass(frozen=True)
@@ -350,5 +337,5 @@ def load_trained(config_path: str | None, checkpoint_path: str) -> tuple[nn.Modu
     config, section = read_run_config(config_path, state, checkpoint_path)
     meta = state.get("meta") or dataset_meta(config)
     model = build_model(config, pretrained=False)  # the checkpoint holds every weight
-    load_model_weights(model, state, checkpoint_path, config["arch"]["type"], dataset_class(config).num_classes())
+    load_model_weights(model, state, checkpoint_path, config["arch"]["type"], dataset_info(config).num_classes)
     return model.eval(), meta, config, section

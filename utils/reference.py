@@ -14,7 +14,8 @@ import re
 import sys
 from pathlib import Path
 
-from utils.config import (DATASET_INJECTED, LOADER_KEYS, LOSS_INJECTED, MODEL_INJECTED, OPTIMIZER_INJECTED,
+from utils.config import (DATASET_INJECTED, EMA_KEYS, INFERENCE_KEYS, LOADER_KEYS, LOSS_INJECTED, MODEL_INJECTED,
+                          OPTIMIZER_INJECTED,
                           OPTIMIZER_KEYS, SCHEDULER_INJECTED, TOP_LEVEL, TRAINER_KEYS, TRANSFORM_INJECTED,
                           Key, import_components)
 from utils.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, TRANSFORMS, Registry, describe_type
@@ -94,7 +95,10 @@ def reference_markdown() -> str:
         ("lr_scheduler", "name or `{type, args}`", '`"Poly"`', "See *Schedules* below."),
         ("trainer", "object", "`{}`", "See *trainer* below."),
     ])
-    lines += ["", "#### trainer", ""] + _table(_plain_rows(TRAINER_KEYS, "trainer."))
+    lines += ["", "#### trainer", ""] + _table(_plain_rows(TRAINER_KEYS, "trainer.")
+                                               + _plain_rows(EMA_KEYS, "trainer.ema."))
+    lines += ["", "#### inference (read by inference.py; its flags override it)", ""]
+    lines += _table(_plain_rows(INFERENCE_KEYS, "inference."))
     lines += ["", "#### optimizer", "", "`type` and `args` select an optimizer (below); besides them:", ""]
     lines += _table(_plain_rows(OPTIMIZER_KEYS, "optimizer."))
     lines += ["", "#### Loader args", "", "Accepted in `train_loader.args` and `val_loader.args` besides the "
