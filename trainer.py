@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
@@ -27,6 +28,7 @@ from base.base_dataloader import BaseDataLoader, is_worker_failure
 from base.base_dataset import normalize_batch
 from base.base_trainer import EMA_PREFIX, BaseTrainer
 from utils import distributed
+from utils.cityscapes_eval import CityscapesEvaluator
 from utils.errors import ConfigError, TrainingError
 from utils.logger import TensorBoard
 from utils.metrics import ConfusionMatrix, segmentation_metrics
@@ -265,13 +267,19 @@ class Trainer(BaseTrainer):
         bar = tqdm(total=len(self.val_loader), desc=f"{label} {epoch}/{self.epochs}", dynamic_ncols=True,
                    leave=False, disable=None if self.show_progress else True)
         rate = ImageRate()
-        for raw_images, raw_targets in self._batches(self.val_loader):
+        # Cityscapes-style sets with instance maps add a third item: the benchmark's iIoU is measured too.
+        benchmark = CityscapesEvaluator(self.ignore_index) if getattr(self.val_loader.dataset, "instance_maps",
+                                                                      False) else None
+        for raw_images, raw_targets, *instances in self._batches(self.val_loader):
             images, targets = self._to_device(raw_images, raw_targets)
             with self._autocast():
                 logits = model(images)["out"]
                 loss = self.loss(logits, targets)
             preds = logits.argmax(dim=1)
             self.confusion.update(preds, targets)
+            if benchmark is not None and instances:
+                for pred, target, instance in zip(preds.cpu(), raw_targets, instances[0]):
+                    benchmark.update(pred, target, instance)
             loss_sum += loss.detach().double() * images.shape[0]
             count += images.shape[0]
             if sample is None:
@@ -289,6 +297,8 @@ class Trainer(BaseTrainer):
                **{k: metrics[k] for k in VALIDATION_KEYS[1:]}}
         for name, iou in zip(self.meta["class_names"], metrics["class_iou"]):
             row[f"iou/{name}"] = iou
+        if benchmark is not None:
+            row.update(_benchmark_scores(benchmark, self.device))
         return row
 
     def _log_epoch(self, epoch: int, row: dict[str, Any]) -> None:
@@ -297,7 +307,7 @@ class Trainer(BaseTrainer):
             return
         for key, value in row.items():
             name = key.removeprefix(EMA_PREFIX)
-            if name in VALIDATION_KEYS or name.startswith("iou/"):
+            if name in VALIDATION_KEYS or name == "iIoU" or name.startswith(("iou/", "iiou/")):
                 self.tb.scalar(f"val/{key}", value, epoch)
         if self._val_sample is not None:
             images, targets, preds = self._val_sample
@@ -360,3 +370,19 @@ def _reduced_mean(total: float, count: int, device: torch.device) -> float:
         return total / max(count, 1)
     pair = distributed.all_reduce_sum(torch.tensor([total, float(count)], device=device, dtype=torch.float64))
     return (pair[0] / pair[1].clamp(min=1)).item()
+
+
+def _benchmark_scores(benchmark: CityscapesEvaluator, device: torch.device) -> dict[str, float]:
+    """The Cityscapes benchmark's iIoU (mean and per instance class) over all processes' shards."""
+    if distributed.is_distributed():  # its counts are sums: add them up, and whether any image had instances
+        counts = torch.from_numpy(np.concatenate([benchmark.confusion.ravel().astype(np.float64),
+                                                  benchmark.tp_weighted, benchmark.fn_weighted,
+                                                  [float(benchmark.has_instances)]])).to(device)
+        counts = distributed.all_reduce_sum(counts).cpu().numpy()
+        n = benchmark.confusion.shape[0]
+        benchmark.confusion = counts[:n * n].reshape(n, n).round().astype(np.int64)
+        benchmark.tp_weighted, benchmark.fn_weighted = counts[n * n:n * n + n], counts[n * n + n:n * n + 2 * n]
+        benchmark.has_instances = bool(counts[-1] > 0)
+    scores = benchmark.result()
+    return {"iIoU": scores["iIoU"], **{f"iiou/{name}": value for name, value in scores["class_iiou"].items()}}
+

@@ -131,3 +131,34 @@ def test_without_instance_maps_iiou_is_nan_and_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="or 255"):
         evaluator.update(pred, label)  # label ids are not train ids
     assert len(TRAIN_TO_LABEL_ID) == 19
+
+
+def test_validation_reports_the_benchmarks_iiou(tmp_path, tiny_config):
+    """A validation split with instance maps adds iIoU (mean and per class) to the epoch's row."""
+    import torch
+
+    from test_datasets import write_city
+    from test_trainer import make_trainer
+
+    root = tmp_path / "cityscapes"
+    for stem, city in (("aachen_000000_000019", "aachen"), ("bochum_000000_000313", "bochum")):
+        write_city(root, "train", stem, city=city)
+    write_city(root, "val", "frankfurt_000000_000294", city="frankfurt")
+    tiny_config["train_loader"] = {"type": "Cityscapes", "args": {"data_dir": str(root), "split": "train",
+                                                                  "batch_size": 2}}
+    tiny_config["val_loader"] = {"type": "Cityscapes", "args": {"data_dir": str(root), "split": "val",
+                                                                "batch_size": 1, "instance_maps": True}}
+    tiny_config["trainer"].update(epochs=1, monitor="max iIoU")
+    trainer = make_trainer(tiny_config, tmp_path / "run")
+    row = trainer.train()["last_metrics"]
+
+    model = trainer.unwrapped_model.eval()
+    image, label, instances = trainer.val_loader.dataset[0]
+    with torch.no_grad():
+        pred = model(trainer._to_device(image[None], label[None])[0])["out"].argmax(1)[0]
+    expected = CityscapesEvaluator(255)
+    expected.update(pred, label, instances)
+    scores = expected.result()
+    assert row["iIoU"] == pytest.approx(scores["iIoU"], abs=1e-12)
+    assert row["iiou/car"] == pytest.approx(scores["class_iiou"]["car"], abs=1e-12)
+    assert set(k for k in row if k.startswith("iiou/")) == {f"iiou/{n}" for n in scores["class_iiou"]}

@@ -44,7 +44,7 @@ SCHEDULER_INJECTED = ("optimizer", "num_epochs", "iters_per_epoch")
 # Seeds are combined with epochs and indices into 64-bit generator seeds; 32 bits leave room.
 MAX_SEED = 2**32 - 1
 
-METRIC_NAMES = ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "val_loss")
+METRIC_NAMES = ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "val_loss", "iIoU")
 
 TOP_LEVEL = {
     "name": Key(str, "run", "Run name; runs are saved under save_dir/name/<timestamp>/."),
