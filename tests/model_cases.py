@@ -37,19 +37,26 @@ ENCODERS = ["resnet18", "mobilenet_v2", TIMM]
 DILATED = [{"backbone": "resnet18"}, {"backbone": "mobilenet_v2", "output_stride": 16},
            {"backbone": TIMM, "output_stride": 16}]
 
+
+
+def _lr(encoder: dict) -> float:
+    """The tiny timm MobileNet learns one batch in the test's steps only at a higher rate."""
+    return 1e-2 if encoder["backbone"] == TIMM else 3e-3
+
+
 CASES: list[ModelCase] = [
-    *[ModelCase("FCN", {**encoder, "aux_head": True}) for encoder in DILATED],
+    *[ModelCase("FCN", {**encoder, "aux_head": True}, lr=_lr(encoder)) for encoder in DILATED],
     ModelCase("FCN8s", {"backbone": "vgg16_bn", "fc_channels": 64}),
     ModelCase("FCN8s", {"backbone": "resnet18", "fc_channels": 64}),
-    *[ModelCase("DeepLabV3", {**encoder, "aux_head": True}) for encoder in DILATED],
+    *[ModelCase("DeepLabV3", {**encoder, "aux_head": True}, lr=_lr(encoder)) for encoder in DILATED],
     *[ModelCase("DeepLabV3Plus", {"backbone": b}) for b in ENCODERS],
-    *[ModelCase("PSPNet", encoder) for encoder in DILATED],
-    *[ModelCase("UPerNet", {"backbone": b, "channels": 64}) for b in ENCODERS],
+    *[ModelCase("PSPNet", encoder, lr=_lr(encoder)) for encoder in DILATED],
+    *[ModelCase("UPerNet", {"backbone": b, "channels": 64}, lr=_lr({"backbone": b})) for b in ENCODERS],
     # Positions must be learnt from zero padding alone (no pretrained features): a higher rate.
     ModelCase("UNet", {"base_channels": 16, "depth": 3}, lr=2e-2),
     ModelCase("UNet", {"base_channels": 16, "depth": 4, "upsampling": "transpose"}, lr=2e-2),
     *[ModelCase("UNet", {"backbone": b, "decoder_channels": [64, 32, 16, 16, 8]}, lr=lr)
-      for b, lr in [("resnet18", 1e-2), ("mobilenet_v2", 3e-3), (TIMM, 3e-3), ("vgg16_bn", 1e-2)]],
+      for b, lr in [("resnet18", 1e-2), ("mobilenet_v2", 1e-2), (TIMM, 1e-2), ("vgg16_bn", 1e-2)]],
     *[ModelCase("FPN", {"backbone": b, "pyramid_channels": 64, "segmentation_channels": 32}) for b in ENCODERS],
     *[ModelCase("GCN", {"backbone": b, "kernel_size": 7}) for b in ENCODERS],
     ModelCase("DUCHDC", {"backbone": "resnet18"}),
