@@ -1,18 +1,16 @@
 """DeepLabV3 (Chen et al. 2017): ASPP on a dilated encoder, with torchvision's head."""
 from __future__ import annotations
 
-import torch
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-from base.base_model import BaseModel
-from models.backbones import EncoderName, build_encoder
+from models.backbones import EncoderName
 from models.blocks import aspp_rates
-from models.blocks import aux_head as make_aux_head
+from models.encoder_head import EncoderHeadModel
 from utils.registry import MODELS
 
 
 @MODELS.register
-class DeepLabV3(BaseModel):
+class DeepLabV3(EncoderHeadModel):
     """Encoder -> torchvision's ``DeepLabHead`` (ASPP, 3x3 conv, classifier) -> bilinear upsampling.
 
     The ASPP rates follow the output stride (12, 24, 36 at 8, see
@@ -35,20 +33,9 @@ class DeepLabV3(BaseModel):
     def __init__(self, num_classes: int, backbone: EncoderName = "resnet50", output_stride: int = 8,
                  pretrained: bool = False, weights_path: str | None = None, in_channels: int = 3,
                  aux_head: bool = False, freeze_bn: bool = False, freeze_backbone: bool = False) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.backbone = build_encoder(backbone, output_stride=output_stride, pretrained=pretrained,
-                                      weights_path=weights_path, in_channels=in_channels)
-        channels = self.backbone.out_channels
-        self.head = DeepLabHead(channels[-1], num_classes, aspp_rates(self.backbone.strides[-1]))
-        self.aux = make_aux_head(channels[-2], num_classes) if aux_head else None
-        self.bn_frozen = freeze_bn
-        if freeze_backbone:
-            self.freeze_backbone()
+        encoder = {"name": backbone, "output_stride": output_stride, "pretrained": pretrained,
+                   "weights_path": weights_path, "in_channels": in_channels}
+        def head(built) -> DeepLabHead:  # ASPP rates follow the encoder's output stride
+            return DeepLabHead(built.out_channels[-1], num_classes, aspp_rates(built.strides[-1]))
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.backbone(x)
-        out = {"out": self.resize_to(self.head(feats[-1]), x.shape[-2:])}
-        if self.aux is not None and self.training:
-            out["aux"] = self.resize_to(self.aux(feats[-2]), x.shape[-2:])
-        return out
+        super().__init__(num_classes, encoder, head, aux_head, freeze_bn, freeze_backbone)

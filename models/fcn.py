@@ -1,17 +1,15 @@
 """FCN (Long et al. 2015) as torchvision builds it: an FCN head on a dilated encoder."""
 from __future__ import annotations
 
-import torch
 from torchvision.models.segmentation.fcn import FCNHead
 
-from base.base_model import BaseModel
-from models.backbones import EncoderName, build_encoder
-from models.blocks import aux_head as make_aux_head
+from models.backbones import EncoderName
+from models.encoder_head import EncoderHeadModel
 from utils.registry import MODELS
 
 
 @MODELS.register
-class FCN(BaseModel):
+class FCN(EncoderHeadModel):
     """Encoder at output stride 8 -> 3x3 conv + 1x1 classifier -> bilinear upsampling.
 
     The head is torchvision's ``FCNHead`` on the last feature, so with
@@ -34,20 +32,7 @@ class FCN(BaseModel):
     def __init__(self, num_classes: int, backbone: EncoderName = "resnet50", output_stride: int = 8,
                  pretrained: bool = False, weights_path: str | None = None, in_channels: int = 3,
                  aux_head: bool = False, freeze_bn: bool = False, freeze_backbone: bool = False) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.backbone = build_encoder(backbone, output_stride=output_stride, pretrained=pretrained,
-                                      weights_path=weights_path, in_channels=in_channels)
-        channels = self.backbone.out_channels
-        self.head = FCNHead(channels[-1], num_classes)
-        self.aux = make_aux_head(channels[-2], num_classes) if aux_head else None
-        self.bn_frozen = freeze_bn
-        if freeze_backbone:
-            self.freeze_backbone()
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.backbone(x)
-        out = {"out": self.resize_to(self.head(feats[-1]), x.shape[-2:])}
-        if self.aux is not None and self.training:
-            out["aux"] = self.resize_to(self.aux(feats[-2]), x.shape[-2:])
-        return out
+        encoder = {"name": backbone, "output_stride": output_stride, "pretrained": pretrained,
+                   "weights_path": weights_path, "in_channels": in_channels}
+        super().__init__(num_classes, encoder, lambda built: FCNHead(built.out_channels[-1], num_classes),
+                         aux_head, freeze_bn, freeze_backbone)

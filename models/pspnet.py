@@ -1,18 +1,16 @@
 """PSPNet (Zhao et al. 2017): a pyramid pooling module on a dilated encoder."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from base.base_model import BaseModel
-from models.backbones import EncoderName, build_encoder
+from models.backbones import EncoderName
 from models.blocks import PPM, ConvBNReLU
-from models.blocks import aux_head as make_aux_head
+from models.encoder_head import EncoderHeadModel
 from utils.registry import MODELS
 
 
 @MODELS.register
-class PSPNet(BaseModel):
+class PSPNet(EncoderHeadModel):
     """Encoder (output stride 8) -> PPM (bins 1, 2, 3, 6) -> 3x3 conv -> classifier -> upsampling.
 
     As in the paper each pooling branch has a quarter of the last feature's
@@ -36,22 +34,12 @@ class PSPNet(BaseModel):
                  pretrained: bool = False, weights_path: str | None = None, in_channels: int = 3,
                  bins: tuple[int, ...] = (1, 2, 3, 6), aux_head: bool = True, freeze_bn: bool = False,
                  freeze_backbone: bool = False) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.backbone = build_encoder(backbone, output_stride=output_stride, pretrained=pretrained,
-                                      weights_path=weights_path, in_channels=in_channels)
-        channels = self.backbone.out_channels
-        ppm = PPM(channels[-1], channels[-1] // len(bins), bins)
-        self.head = nn.Sequential(ppm, ConvBNReLU(ppm.out_channels, 512), nn.Dropout(0.1),
-                                  nn.Conv2d(512, num_classes, kernel_size=1))
-        self.aux = make_aux_head(channels[-2], num_classes) if aux_head else None
-        self.bn_frozen = freeze_bn
-        if freeze_backbone:
-            self.freeze_backbone()
+        encoder = {"name": backbone, "output_stride": output_stride, "pretrained": pretrained,
+                   "weights_path": weights_path, "in_channels": in_channels}
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.backbone(x)
-        out = {"out": self.resize_to(self.head(feats[-1]), x.shape[-2:])}
-        if self.aux is not None and self.training:
-            out["aux"] = self.resize_to(self.aux(feats[-2]), x.shape[-2:])
-        return out
+        def head(built) -> nn.Sequential:
+            ppm = PPM(built.out_channels[-1], built.out_channels[-1] // len(bins), bins)
+            return nn.Sequential(ppm, ConvBNReLU(ppm.out_channels, 512), nn.Dropout(0.1),
+                                 nn.Conv2d(512, num_classes, kernel_size=1))
+
+        super().__init__(num_classes, encoder, head, aux_head, freeze_bn, freeze_backbone)
