@@ -19,16 +19,18 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from timm.layers import convert_sync_batchnorm
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from base.base_trainer import TrainingInterrupted
+from models.norm import check_training_batches
 from trainer import Trainer, amp_mode
 from utils import distributed
 from utils.build import (build_loader, build_loss, build_model, build_optimizer, build_scheduler,
                          dataset_info, dataset_meta, gives_fixed_size, input_normalization, make_dir,
                          select_device)
 from utils.checkpoint import check_compatible, describe_init, load_checkpoint, load_matching_weights
-from utils.config import load_config, read_json
+from utils.config import load_config, norm_spec, read_json
 from utils.errors import ConfigError, UserError, user_message
 from utils.files import write_json
 from utils.migrate import looks_like_template
@@ -142,7 +144,10 @@ def build_components(config: dict, device: torch.device, resuming: bool = False)
                           f"batch_size {train_loader.batch_size} (drop_last is true); lower batch_size")
 
     torch.manual_seed(config["seed"])  # weight initialisation
-    model = build_model(config, pretrained=not resuming).to(device)
+    model = build_model(config, pretrained=not resuming)
+    sync_bn = synchronized_batch_norm(config)
+    check_norm_batches(model, train_loader, sync_bn and device.type == "cuda")
+    model = model.to(device)
     init = None
     if config["init_from"] is not None and not resuming:
         init = load_matching_weights(model, load_checkpoint(config["init_from"]), config["init_from"])
@@ -156,7 +161,7 @@ def build_components(config: dict, device: torch.device, resuming: bool = False)
                             use_buffers=True)
     if config["compile"]:
         model.compile()  # in place: the module and its state_dict keys stay the same
-    model = wrap_distributed(model, device, config["use_synch_bn"])
+    model = wrap_distributed(model, device, sync_bn)
     aux_loss = build_loss(config, train_loader.dataset, "aux_loss")
     steps_per_epoch = math.ceil(len(train_loader) / config["trainer"]["accumulate_steps"])
     return {"model": model, "train_loader": train_loader, "val_loader": val_loader, "optimizer": optimizer,
@@ -165,13 +170,36 @@ def build_components(config: dict, device: torch.device, resuming: bool = False)
             "lr_scheduler": build_scheduler(config, optimizer, steps_per_epoch), "ema": ema, "init": init}
 
 
+def synchronized_batch_norm(config: dict) -> bool:
+    """Whether batch norm is to be synchronised across processes (``use_synch_bn`` or ``norm: SyncBatchNorm``)."""
+    return config["use_synch_bn"] or norm_spec(config)["type"] == "SyncBatchNorm"
+
+
+def check_norm_batches(model: torch.nn.Module, loader, synchronized: bool) -> None:
+    """The dry forward pass of :func:`models.norm.check_training_batches` for the smallest batch
+    that ``loader`` gives (its last one, unless ``drop_last``), at the size of its first image."""
+    image = loader.dataset[0][0]  # (H, W, C) uint8
+    height, width, channels = image.shape if image.ndim == 3 else (*image.shape, 1)
+    per_process, size = len(loader.sampler), loader.batch_size
+    processes = distributed.get_world_size()
+    if loader.drop_last or per_process % size == 0:
+        batch, text = size, f"batch_size {size}" + (" (per process)" if processes > 1 else "")
+    else:
+        batch = per_process % size
+        shard = f"{per_process} images per process" if processes > 1 else f"{per_process} images"
+        text = (f"the last batch of each epoch ({batch} of {shard} at batch_size {size}, with drop_last "
+                "false; set drop_last to true)")
+    check_training_batches(model, (channels, height, width), batch, text, processes if synchronized else 1)
+
+
 def wrap_distributed(model: torch.nn.Module, device: torch.device, sync_bn: bool) -> torch.nn.Module:
     """Under torchrun, DistributedDataParallel (with SyncBatchNorm on CUDA when asked); else the model."""
     if not distributed.is_distributed():
         return model
     if sync_bn and device.type == "cuda":
         # The converted layers take over the same parameter objects: the optimizer still holds them.
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # timm's conversion also handles its BatchNormAct2d (batch norm + activation in one layer).
+        model = convert_sync_batchnorm(model)
     elif sync_bn:
         # torch's SyncBatchNorm raises on CPU tensors ("expected input tensor to be on GPU or XPU").
         warnings.warn("use_synch_bn: SyncBatchNorm needs CUDA; each CPU process keeps its own "
@@ -238,6 +266,8 @@ def run(args: argparse.Namespace) -> dict:
     trainer.logger.info(f"Training {config['arch']['type']} on {config['train_loader']['type']} "
                         f"({len(trainer.train_loader.dataset)} images) on {device}")
     trainer.logger.info(f"Input normalisation: mean {_rounded(mean)}, std {_rounded(std)} ({source})")
+    if getattr(model, "norm_summary", None):
+        trainer.logger.info(f"Normalisation layers: {model.norm_summary}")
     return trainer.train()
 
 

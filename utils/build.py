@@ -16,10 +16,11 @@ from torch import nn
 
 from base.base_dataloader import BaseDataLoader
 from base.base_dataset import BaseDataSet, ClassInfo
+from models.norm import convert_norm
 from utils import distributed
-from utils.config import LOADER_KEYS
+from utils.config import LOADER_KEYS, norm_spec
 from utils.errors import ConfigError
-from utils.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, TRANSFORMS
+from utils.registry import DATASETS, LOSSES, MODELS, NORMS, OPTIMIZERS, SCHEDULERS, TRANSFORMS
 
 
 def dataset_class(config: dict) -> type[BaseDataSet]:
@@ -101,7 +102,12 @@ def build_model(config: dict, pretrained: bool = True) -> nn.Module:
     spec = config["arch"]
     if not pretrained and spec["args"].get("pretrained"):
         spec = {**spec, "args": {**spec["args"], "pretrained": False, "weights_path": None}}
-    return MODELS.build(spec, "arch", num_classes=dataset_info(config).num_classes)
+    args = {k: v for k, v in spec["args"].items() if k != "norm"}  # every model's; applied below
+    model = MODELS.build({**spec, "args": args}, "arch", num_classes=dataset_info(config).num_classes)
+    norm = NORMS.build(norm_spec(config), "norm")
+    # After the pretrained weights are in: batch norm keeps their statistics, other norms their scales.
+    model.norm_summary = convert_norm(model, norm)
+    return model
 
 
 def build_loss(config: dict, train_dataset: BaseDataSet, key: str = "loss") -> nn.Module | None:

@@ -14,12 +14,13 @@ import inspect
 import json
 import math
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from utils.errors import ConfigError
-from utils.registry import (DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, TRANSFORMS,
+from utils.registry import (DATASETS, LOSSES, MODELS, NORMS, OPTIMIZERS, SCHEDULERS, TRANSFORMS, Check,
                             describe_type, did_you_mean, normalize_spec, type_matches)
 
 _REQUIRED = object()
@@ -50,7 +51,12 @@ TOP_LEVEL = {
     "name": Key(str, "run", "Run name; runs are saved under save_dir/name/<timestamp>/."),
     "n_gpu": Key(int, 1, "GPUs to use. More than 1 needs torchrun: "
                          "torchrun --nproc_per_node=N train.py -c CONFIG."),
-    "use_synch_bn": Key(bool, False, "Convert batch norm to SyncBatchNorm when training on several GPUs."),
+    "use_synch_bn": Key(bool, False, "Convert batch norm to SyncBatchNorm when training in several processes "
+                                     "on CUDA (torchrun); a single process keeps BatchNorm."),
+    "norm": Key(str | dict | None, None, "Normalisation layer of the whole model (encoder and heads), by name "
+                                         "or {type, args}: BatchNorm, SyncBatchNorm, GroupNorm, InstanceNorm or "
+                                         "EvoNormS0 (see Normalisation layers); null is BatchNorm. "
+                                         "arch.args.norm may set it instead."),
     "seed": Key(int, 42, "Seed of weight init, data order and augmentation."),
     "amp": Key(Literal["off", "bf16", "fp16"] | bool, "off",
                "Mixed precision: 'off', 'bf16' (CPU and CUDA) or 'fp16' (CUDA only, with loss scaling); "
@@ -353,13 +359,16 @@ def validate_config(config: dict) -> dict:
     try:
         plain = {k: v for k, v in config.items() if k not in component_keys}
         resolved.update(_check_keys(plain, TOP_LEVEL, "", allowed_extra=component_keys))
+        if resolved["norm"] is not None:
+            _check_norm(resolved["norm"], "norm")
+            resolved["norm"] = NORMS.validate(resolved["norm"], "norm")
     except ConfigError as exc:
         errors.append(str(exc))
     for key in ("arch", "train_loader"):
         if key not in config:
             errors.append(f"{key}: missing required key")
     if "arch" in config:
-        attempt("arch", lambda: MODELS.validate(config["arch"], "arch", MODEL_INJECTED))
+        attempt("arch", lambda: _validate_arch(config["arch"]))
     if "train_loader" in config:
         attempt("train_loader", lambda: validate_loader(config["train_loader"], "train_loader"))
     if config.get("val_loader") is not None:
@@ -384,9 +393,40 @@ def validate_config(config: dict) -> dict:
     return resolved
 
 
+def _check_norm(value: Any, path: str) -> None:
+    if value is not None:
+        NORMS.build(value, path)  # a light object: its values are checked too
+
+
+#: ``norm`` is accepted in every model's args; :func:`utils.build.build_model` applies it.
+ARCH_EXTRA = {"norm": inspect.Parameter("norm", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=typing.Annotated[str | dict | None, Check(_check_norm)])}
+
+
+def _validate_arch(section: Any) -> dict:
+    arch = MODELS.validate(section, "arch", MODEL_INJECTED, extra=ARCH_EXTRA)
+    if arch["args"].get("norm") is not None:
+        arch["args"]["norm"] = NORMS.validate(arch["args"]["norm"], "arch.args.norm")
+    return arch
+
+
+def norm_spec(config: dict) -> dict:
+    """The normalisation of a resolved config's model: ``arch.args.norm``, else ``norm``, else BatchNorm."""
+    spec = config["arch"]["args"].get("norm") or config.get("norm") or "BatchNorm"
+    return NORMS.validate(spec, "norm")
+
+
 def _check_derived(resolved: dict) -> list[str]:
     """Checks that need several sections at once."""
     errors = []
+    if resolved["arch"]["args"].get("norm") is not None and resolved["norm"] is not None \
+            and resolved["arch"]["args"]["norm"] != resolved["norm"]:
+        errors.append(f"norm: is also set in arch.args.norm ({resolved['arch']['args']['norm']['type']}); "
+                      "set the normalisation in one place")
+    norm = norm_spec(resolved)["type"]
+    if resolved["arch"]["args"].get("freeze_bn") and norm not in ("BatchNorm", "SyncBatchNorm"):
+        errors.append(f"arch.args.freeze_bn: freezes batch-norm statistics, but the norm is {norm}, "
+                      "which has none; set freeze_bn to false")
     train_type = resolved["train_loader"]["type"]
     if resolved["val_loader"] is not None and resolved["val_loader"]["type"] != train_type:
         errors.append(f"val_loader.type: must be the same data set as train_loader.type ({train_type}) "
