@@ -243,7 +243,7 @@ class Trainer(BaseTrainer):
             if "Expected more than 1 value per channel" in str(exc):
                 raise TrainingError(f"a training batch has a single image, which batch norm cannot "
                                     f"normalise in this model ({exc}); use batch_size >= 2 and "
-                                    "drop_last true, or freeze_bn") from exc
+                                    "drop_last true, freeze_bn, or norm GroupNorm") from exc
             raise
 
     @torch.no_grad()

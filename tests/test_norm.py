@@ -331,3 +331,32 @@ def test_minicity_comparisons_change_one_key_of_the_baseline():
         assert root == {expected[name][0].split(".")[0]}, (name, changed)
         assert variant[expected[name][0]] == expected[name][1]
         load_config(path)
+
+
+@pytest.mark.slow  # six ResNet-50 DeepLabV3 training steps and validations
+def test_each_minicity_comparison_trains_on_a_minicity_tree(tmp_path):
+    import cv2
+    import numpy as np
+
+    from tests.test_datasets import CITY_LABEL_IDS
+    root = tmp_path / "minicity"
+    rng = np.random.default_rng(0)
+    for split, stems in (("train", ["aachen_000000_000019", "aachen_000001_000019"]),
+                         ("val", ["zurich_000001_000019"])):
+        for stem in stems:
+            for folder, name, data in (("leftImg8bit", f"{stem}_leftImg8bit.png",
+                                        rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)),
+                                       ("gtFine", f"{stem}_gtFine_labelIds.png", np.tile(CITY_LABEL_IDS, (32, 32)))):
+                (root / folder / split).mkdir(parents=True, exist_ok=True)
+                assert cv2.imwrite(str(root / folder / split / name), data)
+    for path in MINICITY:
+        run = tmp_path / path.stem
+        overrides = [f"train_loader.args.data_dir={root}", f"val_loader.args.data_dir={root}",
+                     "train_loader.args.batch_size=2", "train_loader.args.num_workers=0",
+                     "val_loader.args.num_workers=0", "train_loader.args.transforms[0].args.size=[64,128]",
+                     "trainer.epochs=1", "trainer.val_per_epochs=1", "trainer.tensorboard=false",
+                     "trainer.progress_bar=false", f"cache_dir={tmp_path / 'cache'}"]
+        argv = ["-c", str(path), "--run-dir", str(run), "--device", "cpu"]
+        assert train.main(argv + [a for o in overrides for a in ("--set", o)]) == 0, path.name
+        history = torch.load(run / "checkpoint.pth", weights_only=True)["history"]
+        assert len(history) == 1 and math.isfinite(history[0]["train_loss"]), path.name

@@ -298,8 +298,13 @@ def test_resume_at_an_epoch_boundary_accepts_new_settings(tiny_config, tmp_path)
     assert other.train()["epochs_trained"] == 2
 
 
-def test_single_image_batch_in_a_batch_norm_pooling_model_is_explained(tiny_config, tmp_path):
+def test_single_image_batch_in_a_batch_norm_pooling_model_is_explained(tiny_config, tmp_path, monkeypatch):
     tiny_config["arch"] = DEEPLAB
     tiny_config["train_loader"]["args"]["batch_size"] = 1
+    # Caught before training by the dry forward pass (tests/test_norm.py)...
+    with pytest.raises(ConfigError, match="batch_size 1 makes DeepLabV3Plus's layer aspp.image_pool.1.1"):
+        make_trainer(tiny_config, tmp_path / "run")
+    # ... and explained by the trainer where that pass cannot run (a model without meta kernels).
+    monkeypatch.setattr(train, "check_norm_batches", lambda *args: None)
     with pytest.raises(TrainingError, match="a training batch has a single image"):
         make_trainer(tiny_config, tmp_path / "run").train()
