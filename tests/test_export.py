@@ -184,3 +184,17 @@ def test_verification_catches_a_size_frozen_by_tracing(tmp_path):
         "max_abs_diff"] == 0.0
     with pytest.raises(export.VerificationError, match="fails at 64x96 .*export without --dynamic"):
         export.verify(FrozenSize(), tmp_path / "frozen.onnx", "onnx", image, meta, [(32, 32), (64, 96)], 1e-3)
+
+
+@pytest.mark.parametrize("norm", ["GroupNorm", "InstanceNorm", "EvoNormS0"])
+@pytest.mark.parametrize("file_format", ["onnx", "torchscript"])
+def test_models_with_another_norm_export_and_match(tmp_path, capsys, norm, file_format):
+    """The checkpoint's config rebuilds the norm's layers; the exported file matches PyTorch (export checks)."""
+    arch = {"type": "DeepLabV3Plus", "args": {"backbone": "resnet18", "norm": norm}}
+    config, checkpoint = make_checkpoint(tmp_path, arch)
+    out = tmp_path / f"model.{'onnx' if file_format == 'onnx' else 'pt'}"
+    assert export.main(export_args(config, checkpoint, out, "--format", file_format, "--size", "64", "96",
+                                   "--dynamic")) == 0
+    assert "max |logit difference|" in capsys.readouterr().out
+    model, _, _, _ = export.load_trained(config, checkpoint)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
