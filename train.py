@@ -265,9 +265,10 @@ def run(args: argparse.Namespace) -> dict:
         trainer.logger.info(describe_init(config["init_from"], components["init"]))
     trainer.logger.info(f"Training {config['arch']['type']} on {config['train_loader']['type']} "
                         f"({len(trainer.train_loader.dataset)} images) on {device}")
-    trainer.logger.info(f"Input normalisation: mean {_rounded(mean)}, std {_rounded(std)} ({source})")
     if getattr(model, "norm_summary", None):
         trainer.logger.info(f"Normalisation layers: {model.norm_summary}")
+    # Printed last before training starts (tests/test_stop.py signals the run on this line).
+    trainer.logger.info(f"Input normalisation: mean {_rounded(mean)}, std {_rounded(std)} ({source})")
     return trainer.train()
 
 

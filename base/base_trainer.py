@@ -138,9 +138,9 @@ class BaseTrainer:
     # --- the loop ----------------------------------------------------------------
     def train(self) -> dict:
         """Train to the last epoch (or early stop); returns the summary."""
-        self.logger.info(f"Run folder: {self.run_dir}")
         try:
             with self._catch_stop_signals():
+                self.logger.info(f"Run folder: {self.run_dir}")
                 for epoch in range(self.start_epoch, self.epochs + 1):
                     if self._run_epoch(epoch):
                         break
