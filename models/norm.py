@@ -200,8 +200,7 @@ def convert_norm(model: nn.Module, norm: Norm) -> str:
         made[type(new).__name__] += 1
         groups = getattr(new, "num_groups", getattr(new, "groups", None))
         wanted = getattr(norm, "num_groups", getattr(norm, "groups", None))
-        if isinstance(new, (nn.GroupNorm, EvoNorm2dS0)) and wanted is not None and groups != wanted \
-                and id(bn) not in pooled:
+        if isinstance(new, (nn.GroupNorm, EvoNorm2dS0)) and wanted is not None and groups != wanted:
             fewer_groups[(bn.num_features, groups)] += 1
         if isinstance(bn, BatchNormAct2d):
             return nn.Sequential(new, bn.drop, bn.act)
@@ -244,9 +243,9 @@ def check_training_batches(model: nn.Module, image_shape: tuple[int, int, int], 
 
     ``batch_text`` says where that batch size comes from (for the message); ``processes``:
     how many processes' batches batch norm adds together (more than 1 when it is to be
-    synchronised). No weight is
-    read or changed and nothing is computed; a model that cannot run on the meta device
-    is not checked (the first training step would then report the problem).
+    synchronised). No weight is read or changed and nothing is computed; a model that
+    cannot run on the meta device is not checked (the first training step would then
+    report the problem).
     """
     arch = type(model).__name__
     hooks = []
