@@ -237,6 +237,41 @@ class FeaturesEncoder(Encoder):
         return feats
 
 
+def create_timm_features(encoder: nn.Module, name: str, pretrained: bool, weights_path: str | None,
+                         in_channels: int, **args) -> nn.Module:
+    """``timm.create_model(name, features_only=True, ...)`` with the framework's errors, for every timm encoder.
+
+    Pretrained weights come from timm's cache (downloaded into it when online) or from the local
+    file ``weights_path``. Sets ``out_channels``, ``strides`` and ``pretrained_normalization`` on
+    ``encoder`` from the network's ``feature_info`` and ``pretrained_cfg``; returns the network.
+    """
+    import timm  # imported on demand: it takes seconds and most runs do not need it
+
+    args = {"features_only": True, "in_chans": in_channels, **args}
+    if weights_path is not None:
+        if not os.path.isfile(weights_path):
+            raise ConfigError(f"pretrained: weights_path {weights_path} does not exist")
+        args["pretrained_cfg_overlay"] = {"file": weights_path}
+    try:
+        net = timm.create_model(name, pretrained=pretrained, **args)
+    except Exception as exc:  # timm and huggingface_hub raise many types for a missing or bad file
+        if weights_path is not None:
+            raise CheckpointError(f"cannot load weights file {weights_path} into timm model "
+                                  f"'{name}': {exc}") from exc
+        from huggingface_hub.constants import HF_HUB_CACHE
+        raise ConfigError(f"pretrained: the weights of timm model '{name}' are not in timm's cache "
+                          f"({HF_HUB_CACHE}) and cannot be downloaded ({type(exc).__name__}: {exc}). "
+                          f"Download them on a machine with a network (timm.create_model('{name}', "
+                          f"pretrained=True) fills that cache) and copy the cache over, or set "
+                          f"weights_path in the model's args to a local weights file.") from exc
+    encoder.out_channels = tuple(net.feature_info.channels())
+    encoder.strides = tuple(net.feature_info.reduction())
+    cfg = net.pretrained_cfg
+    encoder.pretrained_normalization = ((tuple(cfg["mean"]), tuple(cfg["std"]))
+                                        if pretrained and in_channels == 3 else None)
+    return net
+
+
 class TimmEncoder(nn.Module):
     """Any timm model through ``features_only=True``; channels and strides from its ``feature_info``.
 
@@ -251,36 +286,14 @@ class TimmEncoder(nn.Module):
         super().__init__()
         import timm  # imported on demand: it takes seconds and most runs do not need it
 
-        args = {"features_only": True, "in_chans": in_channels}
-        if output_stride != 32:
-            args["output_stride"] = output_stride
+        dilation = {"output_stride": output_stride} if output_stride != 32 else {}
         try:  # a bad combination (output stride, channels) is found on the meta device, for free
             with torch.device("meta"):
-                timm.create_model(name, pretrained=False, **args)
+                timm.create_model(name, pretrained=False, features_only=True, in_chans=in_channels, **dilation)
         except (ValueError, TypeError, AssertionError, RuntimeError, NotImplementedError) as exc:
             raise ConfigError(f"timm model '{name}' cannot be built with output_stride {output_stride} "
                               f"and in_channels {in_channels}: {exc}") from exc
-        if weights_path is not None:
-            if not os.path.isfile(weights_path):
-                raise ConfigError(f"pretrained: weights_path {weights_path} does not exist")
-            args["pretrained_cfg_overlay"] = {"file": weights_path}
-        try:
-            self.net = timm.create_model(name, pretrained=pretrained, **args)
-        except Exception as exc:  # timm and huggingface_hub raise many types for a missing or bad file
-            if weights_path is not None:
-                raise CheckpointError(f"cannot load weights file {weights_path} into timm model "
-                                      f"'{name}': {exc}") from exc
-            from huggingface_hub.constants import HF_HUB_CACHE
-            raise ConfigError(f"pretrained: the weights of timm model '{name}' are not in timm's cache "
-                              f"({HF_HUB_CACHE}) and cannot be downloaded ({type(exc).__name__}: {exc}). "
-                              f"Download them on a machine with a network (timm.create_model('{name}', "
-                              f"pretrained=True) fills that cache) and copy the cache over, or set "
-                              f"weights_path in the model's args to a local weights file.") from exc
-        self.out_channels = tuple(self.net.feature_info.channels())
-        self.strides = tuple(self.net.feature_info.reduction())
-        cfg = self.net.pretrained_cfg
-        self.pretrained_normalization = ((tuple(cfg["mean"]), tuple(cfg["std"]))
-                                         if pretrained and in_channels == 3 else None)
+        self.net = create_timm_features(self, name, pretrained, weights_path, in_channels, **dilation)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.net(x))

@@ -10,15 +10,15 @@ and :class:`HRNetV2` adds the paper's segmentation head.
 from __future__ import annotations
 
 import math
-import os
 from typing import Literal
 
 import torch
 from torch import nn
 
 from base.base_model import BaseModel
+from models.backbones import create_timm_features
 from models.blocks import ConvBNReLU, pad_to_multiple
-from utils.errors import CheckpointError, ConfigError
+from utils.errors import ConfigError
 from utils.registry import BACKBONES, MODELS
 
 HRNetWidth = Literal[18, 32, 48]
@@ -49,8 +49,6 @@ class HRNetEncoder(nn.Module):
     def __init__(self, width: HRNetWidth = 48, pretrained: bool = False, weights_path: str | None = None,
                  in_channels: int = 3) -> None:
         super().__init__()
-        import timm  # imported on demand: it takes seconds and most runs do not need it
-
         if width not in WIDTHS:
             raise ConfigError(f"HRNet width must be one of {WIDTHS}, got {width}")
         if weights_path is not None and not pretrained:
@@ -58,26 +56,8 @@ class HRNetEncoder(nn.Module):
                               "it, or remove weights_path")
         name = f"hrnet_w{width}"
         # feature_location "" skips timm's "incre" classification blocks: the raw branch outputs.
-        args = {"features_only": True, "feature_location": "", "out_indices": (1, 2, 3, 4),
-                "in_chans": in_channels}
-        if weights_path is not None:
-            if not os.path.isfile(weights_path):
-                raise ConfigError(f"pretrained: weights_path {weights_path} does not exist")
-            args["pretrained_cfg_overlay"] = {"file": weights_path}
-        try:
-            self.net = timm.create_model(name, pretrained=pretrained, **args)
-        except Exception as exc:  # timm and huggingface_hub raise many types for a missing or bad file
-            if weights_path is not None:
-                raise CheckpointError(f"cannot load weights file {weights_path} into {name}: {exc}") from exc
-            raise ConfigError(f"pretrained: the weights of timm model '{name}' are not in timm's cache and "
-                              f"cannot be downloaded ({type(exc).__name__}: {exc}). Fill the cache on a machine "
-                              f"with a network (timm.create_model('{name}', pretrained=True)), or set "
-                              f"weights_path to a local weights file.") from exc
-        self.out_channels = tuple(self.net.feature_info.channels())
-        self.strides = tuple(self.net.feature_info.reduction())
-        cfg = self.net.pretrained_cfg
-        self.pretrained_normalization = ((tuple(cfg["mean"]), tuple(cfg["std"]))
-                                         if pretrained and in_channels == 3 else None)
+        self.net = create_timm_features(self, name, pretrained, weights_path, in_channels,
+                                        feature_location="", out_indices=(1, 2, 3, 4))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         height, width = x.shape[-2:]
