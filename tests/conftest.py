@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,3 +35,52 @@ TINY_CONFIG = {
 def tiny_config() -> dict:
     """A fresh copy of a config that trains a 4-channel UNet on 24 synthetic images."""
     return copy.deepcopy(TINY_CONFIG)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Registers the test's model without batch norm in every process, and can stop rank 0 on its n-th step.
+TORCHRUN_DRIVER = """
+import signal, sys
+import torch
+sys.path[:0] = [{root!r}, {tests!r}]
+import train
+from test_scale import NO_BN, NoBatchNormNet
+from utils.registry import MODELS
+
+MODELS.register(NoBatchNormNet, name=NO_BN)
+stop_at = int(sys.argv[1])
+if stop_at:
+    build = train.build_trainer
+    def build_and_hook(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        if torch.distributed.get_rank() == 0:
+            loss, calls = trainer.loss, []
+            def hooked(logits, target):
+                if torch.is_grad_enabled():
+                    calls.append(1)
+                    if len(calls) == stop_at:
+                        signal.raise_signal(signal.SIGINT)
+                return loss(logits, target)
+            trainer.loss = hooked
+        return trainer
+    train.build_trainer = build_and_hook
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    """``launch(stop_at, *train_args)``: train.py under torchrun with 2 Gloo processes; rank 0 raises
+    SIGINT on its ``stop_at``-th training step (0: never)."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    folder = tmp_path_factory.mktemp("torchrun")
+    driver = folder / "driver.py"
+    driver.write_text(TORCHRUN_DRIVER.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(stop_at: int, *args: str, device: str = "cpu") -> subprocess.CompletedProcess:
+        return subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(driver), str(stop_at),
+                               *args, "--device", device], capture_output=True, text=True, cwd=folder, env=env,
+                              timeout=300)
+    return run

@@ -3,10 +3,6 @@ models, image decoding, input normalisation, the loader's GPU-friendly defaults 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -27,7 +23,6 @@ from utils.registry import TRANSFORMS
 
 from test_trainer import LossHook, make_trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_config(tmp_path: Path, config: dict) -> str:
@@ -277,52 +272,19 @@ def test_a_nan_between_checks_is_reported_with_its_iteration(tiny_config, tmp_pa
 
 
 # --- torchrun: a mid-epoch resume keeps every rank's share of the epoch's loss -----------------------
-DRIVER = """
-import signal, sys
-import torch
-sys.path.insert(0, {root!r})
-import train
-
-if sys.argv[1] == "interrupt":  # rank 0 asks to stop on its 3rd training step; all ranks agree
-    build = train.build_trainer
-    def build_and_hook(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        if torch.distributed.get_rank() == 0:
-            loss, calls = trainer.loss, []
-            def hooked(logits, target):
-                if torch.is_grad_enabled():
-                    calls.append(1)
-                    if len(calls) == 3:
-                        signal.raise_signal(signal.SIGINT)
-                return loss(logits, target)
-            trainer.loss = hooked
-        return trainer
-    train.build_trainer = build_and_hook
-sys.exit(train.main(sys.argv[2:]))
-"""
-
-
 @pytest.mark.slow
-def test_torchrun_mid_epoch_resume_keeps_the_epoch_loss(tmp_path, tiny_config):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(root=str(ROOT)))
+def test_torchrun_mid_epoch_resume_keeps_the_epoch_loss(tmp_path, tiny_config, launch):
     tiny_config["trainer"].update(epochs=2, save_dir=str(tmp_path / "saved"))
     tiny_config["train_loader"]["args"]["batch_size"] = 2  # 6 iterations per epoch on each of 2 ranks
     config_path = write_config(tmp_path, tiny_config)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def launch(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([torchrun, "--nproc_per_node=2", str(driver), *args], capture_output=True,
-                              text=True, cwd=tmp_path, env=env, timeout=300)
-
-    straight = launch("plain", "-c", config_path, "--run-dir", str(tmp_path / "straight"), "--device", "cpu")
+    straight = launch(0, "-c", config_path, "--run-dir", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
-    stopped = launch("interrupt", "-c", config_path, "--run-dir", str(tmp_path / "stopped"), "--device", "cpu")
+    # Rank 0 asks to stop on its 3rd training step; all ranks agree.
+    stopped = launch(3, "-c", config_path, "--run-dir", str(tmp_path / "stopped"))
     assert "Resume with: torchrun --nproc_per_node=2" in stopped.stderr, stopped.stderr
     state = load_checkpoint(tmp_path / "stopped" / "checkpoint.pth")
     assert (state["epoch"], state["iteration"], state["epoch_done"]) == (1, 3, False)
-    resumed = launch("plain", "--resume", str(tmp_path / "stopped" / "checkpoint.pth"), "--device", "cpu")
+    resumed = launch(0, "--resume", str(tmp_path / "stopped" / "checkpoint.pth"))
     assert resumed.returncode == 0, resumed.stderr
 
     history = [load_checkpoint(tmp_path / run / "checkpoint.pth")["history"] for run in ("straight", "stopped")]
