@@ -10,14 +10,20 @@ whole run (they learn the epoch from each request).
 
 Stopping is the main process's job: worker processes block SIGINT and SIGTERM,
 which a terminal or a cluster scheduler sends to the whole process group, so a
-stop request never kills a worker in the middle of a batch.
+stop request never kills a worker in the middle of a batch. Because of that,
+``Process.terminate`` (a SIGTERM) cannot end them either, and multiprocessing's own
+exit hook would wait for them for ever: the loader stops its workers itself, when
+training ends and, for loaders still alive, when the interpreter exits.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import multiprocessing
+import multiprocessing.util
 import signal
+import weakref
 from collections.abc import Iterator
 from multiprocessing import forkserver, resource_tracker
 from typing import Literal
@@ -33,6 +39,20 @@ from utils.errors import DataError
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 StartMethod = Literal["fork", "spawn", "forkserver"]
+
+#: Loaders whose worker processes may be running (stopped by :func:`_stop_all_workers` at exit).
+_LOADERS_WITH_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _stop_all_workers() -> None:
+    for loader in list(_LOADERS_WITH_WORKERS):
+        loader.shutdown()
+
+
+# atexit runs its hooks last-registered first: this one runs before multiprocessing's (which joins
+# every child process, and would wait for ever for a worker that blocks SIGTERM) and before
+# torch's exit flag turns the iterator's own shutdown into a no-op.
+atexit.register(_stop_all_workers)
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -179,10 +199,24 @@ class BaseDataLoader(DataLoader):
             # The first iteration starts the workers: they inherit blocked stop signals, and a
             # Ctrl-C meanwhile reaches the main process once they are up.
             start_helper_processes(self.multiprocessing_context)
+            _LOADERS_WITH_WORKERS.add(self)
             with signals_blocked():
                 return super().__iter__()
         return super().__iter__()
 
     def shutdown(self) -> None:
-        """Stop the persistent worker processes (they are started again if the loader is reused)."""
-        self._iterator = None  # the iterator's finaliser shuts its workers down
+        """Stop the persistent worker processes (they are started again if the loader is reused).
+
+        The workers are stopped here rather than by the iterator's finaliser: a traceback
+        or a suspended generator can keep the iterator alive long after training ended.
+        """
+        iterator, self._iterator = self._iterator, None
+        _LOADERS_WITH_WORKERS.discard(self)
+        workers = getattr(iterator, "_workers", None)
+        if not workers:  # no worker processes (num_workers 0, or never iterated)
+            return
+        iterator._shutdown_workers()  # asks each worker to exit, and waits for it
+        for worker in workers:
+            if worker.is_alive():  # stuck in a batch: terminate() cannot reach it (SIGTERM blocked)
+                worker.kill()
+                worker.join()

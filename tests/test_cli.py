@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -285,6 +286,7 @@ def test_bad_label_in_a_worker_is_one_readable_line(tmp_path, tiny_config, capsy
     assert train.main(["-c", write_config(tmp_path, tiny_config), "--run-dir", str(tmp_path / "run")]) == 2
     err = one_line_error(capsys)
     assert err == f"error: {data / 'trainannot' / 'f1.png'}: label value 12 is neither a class (0-10) nor void"
+    assert multiprocessing.active_children() == []  # the worker was stopped, not left for the exit hooks
 
 
 def test_ctrl_c_on_the_command_line_saves_and_exits_130(tmp_path, tiny_config):

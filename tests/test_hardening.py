@@ -3,6 +3,9 @@ models, image decoding, input normalisation, the loader's GPU-friendly defaults 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import cv2
@@ -248,6 +251,63 @@ def test_workers_leave_parallelism_to_the_workers(workers):
         assert counts.flatten().tolist() == [1, 1]
     else:  # the main process keeps its own setting
         assert counts.flatten().tolist() == [cv2.getNumThreads()] * 2
+
+
+# The worker gets stuck in the second batch (image 2 never loads) while the script ends with the loader
+# alive. The data set receives (epoch, index) pairs.
+STUCK_WORKER_SCRIPT = """
+import sys, time
+from pathlib import Path
+import torch
+sys.path.insert(0, {root!r})
+from base.base_dataloader import BaseDataLoader
+
+FLAG = Path({flag!r})
+
+class Stuck(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+    def __getitem__(self, item):
+        if item[1] == 2:
+            FLAG.touch()
+            time.sleep(3600)
+        return torch.zeros(1), torch.zeros(1)
+
+loader = BaseDataLoader(Stuck(), batch_size=2, num_workers=1, start_method="fork")
+loader.set_epoch(1)
+batches = iter(loader)
+next(batches)  # the worker goes on to the second batch
+deadline = time.monotonic() + 60
+while not FLAG.exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("stuck" if FLAG.exists() else "not stuck", flush=True)
+"""
+
+
+def test_the_interpreter_exits_with_a_live_loader_and_a_stuck_worker(tmp_path):
+    """Workers block SIGTERM, so multiprocessing's exit hook (terminate, then join) would wait for
+    ever; the loader's own exit hook asks them to stop and kills the one that cannot (after
+    torch's two 5 s waits)."""
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_WORKER_SCRIPT.format(root=str(Path(__file__).resolve().parents[1]),
+                                                 flag=str(tmp_path / "stuck")))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "stuck\n"
+
+
+def test_shutdown_stops_the_workers_while_the_iterator_is_still_referenced():
+    loader = BaseDataLoader(ThreadCount(), batch_size=1, num_workers=2, start_method="fork")
+    loader.set_epoch(1)
+    batches = iter(loader)  # held here, as a traceback or a suspended generator would hold it
+    next(batches)
+    workers = list(batches._workers)
+    assert all(w.is_alive() for w in workers)
+    loader.shutdown()
+    assert not any(w.is_alive() for w in workers)
+    loader.set_epoch(2)
+    assert len(list(loader)) == 2  # the loader starts new workers when it is used again
+    loader.shutdown()
 
 
 def test_the_loss_is_read_on_the_host_every_log_per_iter(tiny_config, tmp_path, monkeypatch):
