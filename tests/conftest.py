@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -29,6 +30,19 @@ TINY_CONFIG = {
     "trainer": {"epochs": 2, "save_dir": "saved", "monitor": "max mIoU", "tensorboard": False,
                 "progress_bar": False, "log_per_iter": 1},
 }
+
+
+@pytest.fixture(autouse=True)
+def no_worker_left_running():
+    """Fails the test that leaves a child process (a data-loading worker) running: such a process
+    outlives the test, and one that blocks SIGTERM once made pytest wait for ever at exit."""
+    before = set(multiprocessing.active_children())
+    yield
+    left = [p for p in multiprocessing.active_children() if p not in before]
+    for process in left:
+        process.kill()
+        process.join()
+    assert not left, f"the test left {len(left)} child process(es) running: {left}"
 
 
 @pytest.fixture
