@@ -69,7 +69,7 @@ def onnx_forward(name: str, model: torch.nn.Module, forward: Normalized, image: 
     example = forward.normalize(torch.from_numpy(image[:256, :256]).permute(2, 0, 1)[None].contiguous())
     try:
         export_onnx(Logits(model), example, path, dynamic=True, meta={"input": "normalized", "mean": MEAN, "std": STD})
-    except ConfigError as exc:  # ENet: no ONNX form of max_unpool2d (see the README's Export section)
+    except ConfigError as exc:  # a model the exporter cannot write (see the README's Export section)
         print(f"{name}: no ONNX figure: {exc}", file=sys.stderr)
         return None
     return OnnxForward(path)

@@ -16,10 +16,37 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     Decoders that add or concatenate features of several strides need every
     stride to divide the input exactly; the model crops its logits back with
     ``logits[..., :H, :W]``. Zero is the mean of a normalised image.
+
+    While tracing (ONNX and TorchScript export) it pads even by zero pixels, so
+    that the tracer records the pad computed from the input's size: the file
+    then takes any size, not only the example's multiples.
     """
     height, width = x.shape[-2:]
     pad_h, pad_w = -height % multiple, -width % multiple
-    return nn.functional.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+    return nn.functional.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w or torch.jit.is_tracing() else x
+
+
+def max_unpool2x(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``F.max_unpool2d(x, indices, 2)``: each value back where a 2x2/stride-2 max pool found it.
+
+    PyTorch's ONNX exporter has no ``max_unpool2d`` (and ONNX's MaxUnpool counts its
+    indices over the whole tensor, not per channel), so while exporting to ONNX the
+    same values are written with a scatter into a zero map, which ONNX has
+    (ScatterElements) and which keeps the sizes dynamic. The indices of a 2x2
+    pool with stride 2 never repeat within a channel, so the two agree exactly.
+    """
+    if not torch.onnx.is_in_onnx_export():
+        return nn.functional.max_unpool2d(x, indices, kernel_size=2, stride=2)
+    n, c, h, w = x.shape
+    out = x.new_zeros(n, c, 4 * h * w)
+    return out.scatter(2, indices.flatten(2), x.flatten(2)).view(n, c, 2 * h, 2 * w)
+
+
+class MaxUnpool2x(nn.Module):
+    """:func:`max_unpool2x` as a layer (``nn.MaxUnpool2d(2)`` that also exports to ONNX)."""
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return max_unpool2x(x, indices)
 
 
 class ConvBNReLU(nn.Sequential):

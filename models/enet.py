@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from base.base_model import BaseModel
-from models.blocks import pad_to_multiple
+from models.blocks import MaxUnpool2x, pad_to_multiple
 from utils.registry import MODELS
 
 
@@ -145,7 +145,7 @@ class UpsamplingBottleneck(nn.Module):
         inner = in_channels // ratio
         self.split = [out_channels, inner]
         self.project = conv_bn(in_channels, out_channels + inner)
-        self.unpool = nn.MaxUnpool2d(2)
+        self.unpool = MaxUnpool2x()
         self.up = nn.ConvTranspose2d(inner, inner, 3, stride=2, padding=1, output_padding=1, bias=False)
         self.branch = nn.Sequential(nn.BatchNorm2d(inner, eps=1e-3), nn.ReLU(inplace=True),
                                     conv_bn(inner, out_channels))

@@ -7,7 +7,7 @@ from torch import nn
 
 from base.base_model import BaseModel
 from models.backbones import build_encoder
-from models.blocks import ConvBNReLU, pad_to_multiple
+from models.blocks import ConvBNReLU, max_unpool2x, pad_to_multiple
 from utils.registry import MODELS
 
 
@@ -67,5 +67,5 @@ class SegNet(BaseModel):
             else:
                 x = module(x)
         for stage, where in zip(self.decoder, reversed(indices)):
-            x = stage(F.max_unpool2d(x, where, kernel_size=2, stride=2))
+            x = stage(max_unpool2x(x, where))
         return {"out": x[..., :height, :width]}

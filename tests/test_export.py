@@ -13,6 +13,7 @@ import torch
 
 import inference
 from base.base_dataset import read_image
+from models.blocks import max_unpool2x, pad_to_multiple
 from tests.conftest import CAMVID_DIR, TINY_CONFIG
 from utils import export
 from utils.build import build_model, dataset_meta
@@ -152,20 +153,23 @@ def test_deeplabv3plus_to_onnx_dynamic(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_enet_to_torchscript_and_not_onnx(tmp_path, capsys):
+def test_enet_to_torchscript_and_onnx(tmp_path):
     config, checkpoint = make_checkpoint(tmp_path, {"type": "ENet"})
     out = tmp_path / "enet.pt"
     assert export.main(export_args(config, checkpoint, out, "--format", "torchscript", "--size", "64", "64",
                                    "--dynamic")) == 0
     loaded = torch.jit.load(str(out))
     model, _, _, _ = export.load_trained(config, checkpoint)
-    x = torch.randn(1, 3, 48, 80)  # multiples of 8: the size tracing keeps unpadded
+    x = torch.randn(1, 3, 45, 70)  # not multiples of 8: the padding is recorded by tracing
     with torch.no_grad():
-        assert torch.allclose(loaded(x), model(x)["out"], atol=1e-4)
-    capsys.readouterr()
-    assert export.main(export_args(config, checkpoint, tmp_path / "enet.onnx", "--format", "onnx")) == 2
-    err = capsys.readouterr().err
-    assert "max_unpool2d" in err and "use --format torchscript" in err
+        expected = model(x)["out"]
+    assert torch.allclose(loaded(x), expected, atol=1e-4)
+    # ONNX: the unpooling is written as a scatter while exporting (the exporter has no max_unpool2d).
+    onnx_path = tmp_path / "enet.onnx"
+    assert export.main(export_args(config, checkpoint, onnx_path, "--format", "onnx", "--size", "64", "64",
+                                   "--dynamic")) == 0
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"image": x.numpy()})[0] - expected.numpy()).max() < 1e-4
 
 
 class FrozenSize(torch.nn.Module):
@@ -198,3 +202,49 @@ def test_models_with_another_norm_export_and_match(tmp_path, capsys, norm, file_
     assert "max |logit difference|" in capsys.readouterr().out
     model, _, _, _ = export.load_trained(config, checkpoint)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_unpooling_written_for_onnx_equals_max_unpool2d(monkeypatch):
+    """The scatter that replaces max_unpool2d while exporting to ONNX puts every value in the same place."""
+    x = torch.randn(2, 3, 6, 10)
+    pooled, indices = torch.nn.functional.max_pool2d(x, 2, 2, return_indices=True)
+    expected = torch.nn.functional.max_unpool2d(pooled, indices, 2, 2)
+    assert torch.equal(max_unpool2x(pooled, indices), expected)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    scattered = max_unpool2x(pooled, indices)
+    assert torch.equal(scattered, expected)
+    assert scattered.shape == (2, 3, 6, 10) and int((scattered != 0).sum()) == 2 * 3 * 3 * 5
+
+
+@pytest.mark.slow
+def test_segnet_to_onnx_dynamic(tmp_path):
+    config, checkpoint = make_checkpoint(tmp_path, {"type": "SegNet"})
+    out = tmp_path / "segnet.onnx"
+    assert export.main(export_args(config, checkpoint, out, "--format", "onnx", "--size", "64", "64",
+                                   "--dynamic")) == 0
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, 70, 90)  # not multiples of 32: the padding is recorded by tracing
+    model, _, _, _ = export.load_trained(config, checkpoint)
+    with torch.no_grad():
+        expected = model(x)["out"].numpy()
+    assert np.abs(session.run(None, {"image": x.numpy()})[0] - expected).max() < 1e-3 * np.abs(expected).max()
+
+
+class PadCrop(torch.nn.Module):
+    def forward(self, x):
+        height, width = x.shape[-2:]
+        padded = pad_to_multiple(x, 8)
+        return padded, padded.mean((2, 3), keepdim=True).expand_as(padded)[..., :height, :width]
+
+
+def test_tracing_records_the_padding_to_a_multiple():
+    """A traced model pads (and crops) at the size it is run at, not at the example's: the example
+    needs no padding, and eager code would skip the pad that tracing must record."""
+    with torch.no_grad():
+        traced = torch.jit.trace(PadCrop(), torch.randn(1, 3, 16, 16))
+    x = torch.randn(1, 3, 13, 21)
+    padded, cropped = traced(x)
+    assert padded.shape == (1, 3, 16, 24) and torch.equal(padded[..., :13, :21], x)
+    assert float(padded[..., 13:, :].abs().sum()) == 0 and float(padded[..., 21:].abs().sum()) == 0
+    assert cropped.shape == (1, 3, 13, 21)
+    assert torch.equal(pad_to_multiple(torch.ones(1, 1, 16, 16), 8), torch.ones(1, 1, 16, 16))
