@@ -21,7 +21,7 @@ import atexit
 import contextlib
 import math
 import multiprocessing
-import multiprocessing.util
+import multiprocessing.util  # registers its exit hook now, before ours (see below)
 import signal
 import weakref
 from collections.abc import Iterator
