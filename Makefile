@@ -19,7 +19,7 @@ test-all: $(DEV)
 	$(PY) -m pytest -m ""
 
 bench: $(STAMP)
-	$(PY) bench/train_step.py
+	$(PY) -m tools.bench.train_step
 
 venv: $(STAMP)
 

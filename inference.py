@@ -27,7 +27,7 @@ import heapq
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -35,14 +35,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from base.base_dataset import read_image, read_label
-from dataloader.cityscapes import Cityscapes
-from utils.build import make_dir, select_device
-from utils.cityscapes_eval import CityscapesEvaluator
-from utils.errors import ConfigError, DataError, UserError, user_message
-from utils.files import write_json
+from utils.images import read_image, read_label
+from utils.errors import ConfigError, DataError, run_command, user_message
+from utils.distributed import select_device
+from utils.files import make_dir, write_json
 from utils.metrics import ConfusionMatrix, segmentation_metrics
-from utils.predict import Normalized, Predictor, inference_settings, load_trained, read_run_config, \
+from builder import load_trained, read_run_config
+from predictor import OnnxForward, Normalized, Predictor, inference_settings, \
     remove_small_clusters
 from utils.registry import DATASETS
 from utils.visualize import colorize, overlay, save_confusion_plot, save_palette_png, save_rgb_png
@@ -176,7 +175,6 @@ def load_predictor(config_path: str | None, model_path: str, device: torch.devic
         ``(predictor, config)``; ``config`` is None for an ONNX file run without ``-c``.
     """
     if Path(model_path).suffix.lower() == ".onnx":
-        from utils.export import OnnxForward
         forward = OnnxForward(model_path)
         meta, config, section = forward.meta, None, None
         if config_path is not None:
@@ -256,8 +254,9 @@ class Report:
         self.decode = dataset.label_decoder(dataset_args, meta["ignore_index"])
         self.worst = worst
         self.scores: list[tuple[float, str, str, str]] = []  # (mIoU, image, label, prediction)
-        # The Cityscapes benchmark's own scores (iIoU needs the *_instanceIds.png beside each label).
-        self.benchmark = CityscapesEvaluator(meta["ignore_index"]) if issubclass(dataset, Cityscapes) else None
+        self.dataset = dataset
+        # The data set's own benchmark (Cityscapes' iIoU needs the *_instanceIds.png beside each label).
+        self.benchmark = dataset.benchmark_evaluator(meta["ignore_index"])
 
     def label_path(self, image: Path, name: Path) -> Path:
         return find_label(self.label_dir / name.parent, image.stem)
@@ -271,9 +270,8 @@ class Report:
         one.update(torch.from_numpy(pred), torch.from_numpy(label))
         self.confusion.matrix += one.matrix
         if self.benchmark is not None:
-            instances = Path(str(label_path).replace("_labelIds", "_instanceIds"))
-            self.benchmark.update(pred, label, read_label(instances) if instances != label_path and
-                                  instances.is_file() else None)
+            instances = self.dataset.instance_map_path(label_path)
+            self.benchmark.update(pred, label, read_label(instances) if instances is not None else None)
         if not one.matrix.sum():  # nothing labelled: no score to rank
             return
         item = (-segmentation_metrics(one.matrix)["mIoU"], str(image), str(label_path), str(prediction_file))
@@ -290,10 +288,11 @@ class Report:
                    "worst_images": [{"image": image, "mIoU": -score} for score, image, _, _ in worst]}
         if self.benchmark is not None:
             scores = self.benchmark.result()
-            results["cityscapes"] = {"iIoU": _finite(scores["iIoU"]),
+            results[self.benchmark.name] = {"iIoU": _finite(scores["iIoU"]),
                                      "class_iiou": {k: _finite(v) for k, v in scores["class_iiou"].items()}}
         write_json(results, out_dir / "results.json")
-        (out_dir / "results.txt").write_text(format_results(results, names))
+        self.text = format_results(results, names, [self.benchmark.name] if self.benchmark is not None else [])
+        (out_dir / "results.txt").write_text(self.text)
         save_confusion_plot(self.confusion.matrix.numpy(), names, out_dir / "confusion_matrix.png")
         if worst:
             (out_dir / "worst").mkdir(exist_ok=True)
@@ -307,8 +306,9 @@ class Report:
         return results
 
 
-def format_results(results: dict, class_names: list[str]) -> str:
-    """A plain-text table of the folder's metrics and its worst images."""
+def format_results(results: dict, class_names: list[str], benchmarks: Sequence[str] = ()) -> str:
+    """A plain-text table of the folder's metrics, the data set's benchmark scores (under the
+    keys ``benchmarks``) and its worst images."""
     lines = [f"images         {results['num_images']}",
              f"pixel accuracy {results['pixel_acc']:.4f}",
              f"mean accuracy  {results['mean_acc']:.4f}",
@@ -319,11 +319,11 @@ def format_results(results: dict, class_names: list[str]) -> str:
         lines.append(f"{name:<20}{_cell(iou):>8}{_cell(acc):>10}")
     lines.append("(- : no IoU when a class is in neither labels nor predictions, no accuracy when it is not "
                  "in the labels; such classes are left out of the means)")
-    if "cityscapes" in results:
-        iiou = results["cityscapes"]["iIoU"]
-        lines += ["", f"iIoU           {_cell(iiou)}  (Cityscapes benchmark, instance classes"
-                      f"{'' if iiou is not None else '; needs the *_instanceIds.png beside the labels'})"]
-        lines += [f"{name:<20}{_cell(v):>8}" for name, v in results["cityscapes"]["class_iiou"].items()]
+    for benchmark in benchmarks:
+        iiou, scores = results[benchmark]["iIoU"], results[benchmark]
+        lines += ["", f"iIoU           {_cell(iiou)}  ({benchmark} benchmark, instance classes"
+                      f"{'' if iiou is not None else '; needs the instance maps beside the labels'})"]
+        lines += [f"{name:<20}{_cell(v):>8}" for name, v in scores["class_iiou"].items()]
     if results["worst_images"]:
         lines += ["", "worst images (mIoU of the image alone; see worst/: image | ground truth | prediction)"]
         lines += [f"{item['mIoU']:.4f}  {item['image']}" for item in results["worst_images"]]
@@ -374,7 +374,7 @@ def run_images(predictor: Predictor, images: list[Path], root: Path, out_dir: Pa
     print(f"Wrote {writer.count} files to {out_dir}")
     if report is not None:
         results = report.finish(out_dir, len(images) - len(failed))
-        print(format_results(results, predictor.meta["class_names"]), end="")
+        print(report.text, end="")
     if failed:
         print(f"error: {len(failed)} of {len(images)} image(s) could not be read and were skipped: "
               f"{', '.join(str(p) for p in failed[:5])}{', ...' if len(failed) > 5 else ''}", file=sys.stderr)
@@ -450,12 +450,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (1 when some images could not be read)."""
     args = parse_args(argv)
-    try:
-        failed = run(args)
-    except UserError as exc:
-        print(f"error: {user_message(exc)}", file=sys.stderr)
-        return 2
-    return 1 if failed else 0
+    return run_command(lambda: 1 if run(args) else 0)  # run: the number of unreadable images
 
 
 if __name__ == "__main__":

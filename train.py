@@ -10,30 +10,23 @@ rank 0 writes the run folder.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shlex
 import sys
-import warnings
 from datetime import datetime
 from pathlib import Path
 
 import torch
-from timm.layers import convert_sync_batchnorm
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from base.base_trainer import TrainingInterrupted
-from models.norm import check_training_batches
-from trainer import Trainer, amp_mode
+from builder import build_components, build_trainer, dataset_info, dataset_meta, gives_fixed_size, input_normalization
 from utils import distributed
-from utils.build import (build_loader, build_loss, build_model, build_optimizer, build_scheduler,
-                         dataset_info, dataset_meta, gives_fixed_size, input_normalization, make_dir,
-                         select_device)
-from utils.checkpoint import check_compatible, describe_init, load_checkpoint, load_matching_weights
-from utils.config import load_config, norm_spec, read_json
-from utils.errors import ConfigError, UserError, user_message
-from utils.files import write_json
-from utils.migrate import looks_like_template
+from utils.checkpoint import check_compatible, describe_init, load_checkpoint
+from utils.config import load_config, read_json
+from utils.distributed import select_device
+from utils.errors import ConfigError, run_command
+from utils.files import make_dir, write_json
+from utils.template import looks_like_template
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,7 +74,7 @@ def template_hint(path: str) -> str | None:
     if not looks_like_template(old):
         return None
     return (f"{path} looks like a config of the pytorch-segmentation template; convert it with: "
-            f"python -m utils.migrate {shlex.quote(path)} -o NEW.json")
+            f"python -m tools.migrate {shlex.quote(path)} -o NEW.json")
 
 
 def make_run_dir(config: dict, args: argparse.Namespace) -> Path:
@@ -129,106 +122,6 @@ def _cli_args(args: argparse.Namespace) -> list[str]:
                ("--run-dir", args.run_dir), ("--device", args.device)]
     words = [f"{flag} {shlex.quote(str(value))}" for flag, value in options if value is not None]
     return words + [f"--set {shlex.quote(item)}" for item in args.overrides]
-
-
-def build_components(config: dict, device: torch.device, resuming: bool = False) -> dict:
-    """Build every configured object; bad data or arguments fail here, before the run folder exists.
-
-    When ``resuming``, ImageNet weights are not loaded (the checkpoint replaces them) and
-    ``init_from`` is ignored. ``init`` in the result reports what ``init_from`` loaded.
-    """
-    train_loader = build_loader(config, "train_loader", device)
-    val_loader = build_loader(config, "val_loader", device) if config["val_loader"] is not None else None
-    if len(train_loader) == 0:
-        raise ConfigError(f"train_loader: {len(train_loader.dataset)} samples make no full batch of "
-                          f"batch_size {train_loader.batch_size} (drop_last is true); lower batch_size")
-
-    torch.manual_seed(config["seed"])  # weight initialisation
-    model = build_model(config, pretrained=not resuming)
-    sync_bn = synchronized_batch_norm(config)
-    check_norm_batches(model, train_loader, sync_bn and device.type == "cuda")
-    model = model.to(device)
-    init = None
-    if config["init_from"] is not None and not resuming:
-        init = load_matching_weights(model, load_checkpoint(config["init_from"]), config["init_from"])
-    if config["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(config, model)
-    ema = None
-    if config["trainer"]["ema"] is not None:
-        # Averages buffers too (batch-norm statistics), so the average is a model of its own.
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config["trainer"]["ema"]["decay"]),
-                            use_buffers=True)
-    if config["compile"]:
-        model.compile()  # in place: the module and its state_dict keys stay the same
-    model = wrap_distributed(model, device, sync_bn)
-    aux_loss = build_loss(config, train_loader.dataset, "aux_loss")
-    steps_per_epoch = math.ceil(len(train_loader) / config["trainer"]["accumulate_steps"])
-    return {"model": model, "train_loader": train_loader, "val_loader": val_loader, "optimizer": optimizer,
-            "loss": build_loss(config, train_loader.dataset).to(device),
-            "aux_loss": aux_loss.to(device) if aux_loss is not None else None,
-            "lr_scheduler": build_scheduler(config, optimizer, steps_per_epoch), "ema": ema, "init": init}
-
-
-def synchronized_batch_norm(config: dict) -> bool:
-    """Whether batch norm is to be synchronised across processes (``use_synch_bn`` or ``norm: SyncBatchNorm``)."""
-    return config["use_synch_bn"] or norm_spec(config)["type"] == "SyncBatchNorm"
-
-
-def check_norm_batches(model: torch.nn.Module, loader, synchronized: bool) -> None:
-    """The dry forward pass of :func:`models.norm.check_training_batches` for the smallest batch
-    that ``loader`` gives (its last one, unless ``drop_last``), at the size of its first image."""
-    image = loader.dataset[0][0]  # (H, W, C) uint8
-    height, width, channels = image.shape if image.ndim == 3 else (*image.shape, 1)
-    per_process, size = len(loader.sampler), loader.batch_size
-    processes = distributed.get_world_size()
-    if loader.drop_last or per_process % size == 0:
-        batch, text = size, f"batch_size {size}" + (" (per process)" if processes > 1 else "")
-    else:
-        batch = per_process % size
-        shard = f"{per_process} images per process" if processes > 1 else f"{per_process} images"
-        text = (f"the last batch of each epoch ({batch} of {shard} at batch_size {size}, with drop_last "
-                "false; set drop_last to true)")
-    check_training_batches(model, (channels, height, width), batch, text, processes if synchronized else 1)
-
-
-def wrap_distributed(model: torch.nn.Module, device: torch.device, sync_bn: bool) -> torch.nn.Module:
-    """Under torchrun, DistributedDataParallel (with SyncBatchNorm on CUDA when asked); else the model."""
-    if not distributed.is_distributed():
-        return model
-    if sync_bn and device.type == "cuda":
-        # The converted layers take over the same parameter objects: the optimizer still holds them.
-        # timm's conversion also handles its BatchNormAct2d (batch norm + activation in one layer).
-        model = convert_sync_batchnorm(model)
-    elif sync_bn:
-        # torch's SyncBatchNorm raises on CPU tensors ("expected input tensor to be on GPU or XPU").
-        warnings.warn("use_synch_bn: SyncBatchNorm needs CUDA; each CPU process keeps its own "
-                      "batch statistics", stacklevel=1)
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def build_trainer(config: dict, device: torch.device, run_dir: Path, components: dict | None = None,
-                  meta: dict | None = None) -> Trainer:
-    """The trainer of ``config``, writing to ``run_dir`` (which must exist on rank 0).
-
-    ``meta`` (classes, palette, input normalisation) defaults to that of a new run.
-    """
-    components = dict(components if components is not None else build_components(config, device))
-    components.pop("init")
-    if meta is None:
-        mean, std, _ = input_normalization(config, getattr(components["model"], "module", components["model"]))
-        meta = dataset_meta(config, (mean, std))
-    settings = config["trainer"]
-    tb_dir = None
-    if settings["tensorboard"]:
-        tb_dir = (Path(settings["log_dir"]) / config["name"] / run_dir.name
-                  if settings["log_dir"] else run_dir / "tensorboard")
-    return Trainer(**components, device=device, run_dir=run_dir, settings=settings, config=config,
-                   meta=meta, seed=config["seed"], amp=amp_mode(config["amp"], device),
-                   channels_last=config["channels_last"],
-                   aux_loss_weight=config["aux_loss_weight"], ignore_index=config["ignore_index"],
-                   tensorboard_dir=tb_dir)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -293,23 +186,29 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     args = parse_args(argv)
     try:
+        return run_command(train_and_report, args, prefix=_rank_prefix)
+    finally:  # after the error lines, which name the rank
+        if distributed.is_distributed():
+            torch.distributed.destroy_process_group()
+
+
+def _rank_prefix() -> str:
+    """``[rank N] `` before the error lines of a distributed run (every process prints its own)."""
+    return f"[rank {distributed.get_rank()}] " if distributed.is_distributed() else ""
+
+
+def train_and_report(args: argparse.Namespace) -> int:
+    """Train (or resume) and print the outcome; returns the exit code (130 when interrupted)."""
+    try:
         summary = run(args)
-        report = distributed.is_main_process()  # asked before the process group is gone
     except TrainingInterrupted as exc:
         if distributed.is_main_process():
             print(f"{exc}\nResume with: {resume_command(exc.checkpoint, args)}", file=sys.stderr)
         return 130
-    except UserError as exc:
-        rank = f"[rank {distributed.get_rank()}] " if distributed.is_distributed() else ""
-        print(f"{rank}error: {user_message(exc)}", file=sys.stderr)
-        return 2
-    finally:
-        if distributed.is_distributed():
-            torch.distributed.destroy_process_group()
     if "finished" in summary:
         print(summary["finished"])
         return 0
-    if report:
+    if distributed.is_main_process():
         best = summary.get("best_metrics") or summary.get("last_metrics") or {}
         if "mIoU" in best:
             print(f"Validation mIoU: {best['mIoU']:.4f} (epoch {best['epoch']})")

@@ -25,10 +25,9 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from base.base_dataloader import BaseDataLoader, is_worker_failure
-from base.base_dataset import normalize_batch
-from base.base_trainer import EMA_PREFIX, BaseTrainer
+from utils.images import normalize_batch
+from base.base_trainer import EMA_PREFIX, BaseTrainer, TrainerSettings
 from utils import distributed
-from utils.cityscapes_eval import CityscapesEvaluator
 from utils.errors import ConfigError, TrainingError
 from utils.logger import TensorBoard
 from utils.metrics import ConfusionMatrix, segmentation_metrics
@@ -59,19 +58,15 @@ class Trainer(BaseTrainer):
     Args:
         loss: called as ``loss(logits, target)``.
         device: where the model lives.
-        amp: ``"off"``, ``"bf16"`` (autocast to bfloat16) or ``"fp16"`` (float16 with loss
-            scaling; see :func:`amp_mode` for the config's choices).
         aux_loss: the loss of ``outputs["aux"]`` for models with an auxiliary
             head; ``None`` uses ``loss``.
-        aux_loss_weight: weight of the auxiliary loss.
-        ignore_index: label value that counts nowhere.
-        tensorboard_dir: where TensorBoard events go; None disables them.
         ema: the moving average of the weights (``trainer.ema``), updated after every
             optimizer step and validated beside the model; None disables it.
-        channels_last: feed the model channels-last inputs (its weights should be too).
 
-    ``settings["accumulate_steps"]`` and ``settings["clip_grad_norm"]`` shape each
-    optimizer step (see :meth:`_train_epoch`).
+    Of the settings, ``amp`` (``"off"``, ``"bf16"``: autocast to bfloat16, ``"fp16"``: float16
+    with loss scaling; see :func:`amp_mode`), ``channels_last`` (channels-last inputs; the
+    weights should be too), ``aux_loss_weight`` and ``ignore_index`` shape each step, and
+    ``accumulate_steps`` and ``clip_grad_norm`` each optimizer step (see :meth:`_train_epoch`).
 
     The input normalisation (``meta["mean"]``, ``meta["std"]``) is applied on
     the device.
@@ -79,28 +74,27 @@ class Trainer(BaseTrainer):
 
     def __init__(self, *, model: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimizer,
                  lr_scheduler, train_loader, val_loader, device: torch.device, run_dir: Path,
-                 settings: dict, config: dict, meta: dict, seed: int = 42, amp: AmpMode = "off",
-                 aux_loss: nn.Module | None = None, aux_loss_weight: float = 0.4, ignore_index: int = 255,
-                 tensorboard_dir: Path | None = None, ema: AveragedModel | None = None,
-                 channels_last: bool = False) -> None:
+                 settings: TrainerSettings, meta: dict, aux_loss: nn.Module | None = None,
+                 ema: AveragedModel | None = None) -> None:
+        amp = settings.amp
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
-        super().__init__(model, optimizer, lr_scheduler, train_loader, val_loader, run_dir, settings,
-                         config, meta, seed, torch.amp.GradScaler(device.type, enabled=amp == "fp16"), ema)
+        super().__init__(model, optimizer, lr_scheduler, train_loader, val_loader, run_dir, settings, meta,
+                         torch.amp.GradScaler(device.type, enabled=amp == "fp16"), ema)
         self.loss = loss
         self.aux_loss = aux_loss
         self.device = device
         self.amp = amp
         self.amp_dtype = AMP_DTYPES[amp]
-        self.channels_last = channels_last
-        self.accumulate_steps = settings["accumulate_steps"]
-        self.clip_grad_norm = settings["clip_grad_norm"]
-        self.aux_loss_weight = aux_loss_weight
-        self.ignore_index = ignore_index
+        self.channels_last = settings.channels_last
+        self.accumulate_steps = settings.accumulate_steps
+        self.clip_grad_norm = settings.clip_grad_norm
+        self.aux_loss_weight = settings.aux_loss_weight
+        self.ignore_index = settings.ignore_index
         self.mean, self.std = meta["mean"], meta["std"]
-        self.confusion = ConfusionMatrix(meta["num_classes"], ignore_index, device=device)
-        self.tb = TensorBoard(tensorboard_dir)
-        self.show_progress = settings["progress_bar"] and distributed.is_main_process()
+        self.confusion = ConfusionMatrix(meta["num_classes"], self.ignore_index, device=device)
+        self.tb = TensorBoard(settings.tensorboard_dir)
+        self.show_progress = settings.progress_bar and distributed.is_main_process()
         self._val_sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _autocast(self):
@@ -160,7 +154,7 @@ class Trainer(BaseTrainer):
         bar = tqdm(total=iters, initial=start_iter, desc=f"train {epoch}/{self.epochs}",
                    disable=None if self.show_progress else True, dynamic_ncols=True, leave=False)
         rate = ImageRate()
-        log_every, k = self.settings["log_per_iter"], self.accumulate_steps
+        log_every, k = self.settings.log_per_iter, self.accumulate_steps
         next_check = (start_iter // log_every + 1) * log_every
         group_losses: list[torch.Tensor] = []  # the losses of the batches since the last step
         for images, targets in self._batches(loader):
@@ -267,9 +261,10 @@ class Trainer(BaseTrainer):
         bar = tqdm(total=len(self.val_loader), desc=f"{label} {epoch}/{self.epochs}", dynamic_ncols=True,
                    leave=False, disable=None if self.show_progress else True)
         rate = ImageRate()
-        # Cityscapes-style sets with instance maps add a third item: the benchmark's iIoU is measured too.
-        benchmark = CityscapesEvaluator(self.ignore_index) if getattr(self.val_loader.dataset, "instance_maps",
-                                                                      False) else None
+        # Data sets whose items carry instance maps (Cityscapes') add a third item: their benchmark's
+        # iIoU is measured too.
+        dataset = self.val_loader.dataset
+        benchmark = dataset.benchmark_evaluator(self.ignore_index) if dataset.instance_maps else None
         for raw_images, raw_targets, *instances in self._batches(self.val_loader):
             images, targets = self._to_device(raw_images, raw_targets)
             with self._autocast():
@@ -372,17 +367,8 @@ def _reduced_mean(total: float, count: int, device: torch.device) -> float:
     return (pair[0] / pair[1].clamp(min=1)).item()
 
 
-def _benchmark_scores(benchmark: CityscapesEvaluator, device: torch.device) -> dict[str, float]:
-    """The Cityscapes benchmark's iIoU (mean and per instance class) over all processes' shards."""
-    if distributed.is_distributed():  # its counts are sums: add them up, and whether any image had instances
-        counts = torch.from_numpy(np.concatenate([benchmark.confusion.ravel().astype(np.float64),
-                                                  benchmark.tp_weighted, benchmark.fn_weighted,
-                                                  [float(benchmark.has_instances)]])).to(device)
-        counts = distributed.all_reduce_sum(counts).cpu().numpy()
-        n = benchmark.confusion.shape[0]
-        benchmark.confusion = counts[:n * n].reshape(n, n).round().astype(np.int64)
-        benchmark.tp_weighted, benchmark.fn_weighted = counts[n * n:n * n + n], counts[n * n + n:n * n + 2 * n]
-        benchmark.has_instances = bool(counts[-1] > 0)
+def _benchmark_scores(benchmark, device: torch.device) -> dict[str, float]:
+    """The data set's benchmark iIoU (mean and per instance class) over all processes' shards."""
+    benchmark.synchronize(device)
     scores = benchmark.result()
     return {"iIoU": scores["iIoU"], **{f"iiou/{name}": value for name, value in scores["class_iiou"].items()}}
-

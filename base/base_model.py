@@ -16,11 +16,13 @@ class BaseModel(nn.Module):
     training mode.
 
     Subclasses that use a pretrained encoder put it in ``self.backbone`` so that
-    :meth:`param_groups` can give it its own learning rate.
+    :meth:`param_groups` can give it its own learning rate. A model that takes
+    ``freeze_bn`` (and ``freeze_backbone``) hands them to :meth:`apply_freezing`
+    as the last step of its constructor.
     """
 
     num_classes: int
-    #: Set by models that take a ``freeze_bn`` argument: keep batch norm in eval mode.
+    #: Set by :meth:`apply_freezing` (``freeze_bn``): keep batch norm in eval mode.
     bn_frozen: bool = False
     #: Set by :meth:`freeze_backbone`: the encoder's weights are fixed and it stays in eval mode.
     backbone_frozen: bool = False
@@ -34,6 +36,20 @@ class BaseModel(nn.Module):
         if mode and self.backbone_frozen:
             self.backbone.eval()
         return self
+
+    def apply_freezing(self, freeze_bn: bool, freeze_backbone: bool = False) -> None:
+        """Apply a model's ``freeze_bn`` and ``freeze_backbone`` arguments; the last step of its constructor.
+
+        Args:
+            freeze_bn: keep every BatchNorm in eval mode while training (for small batches):
+                :meth:`train` puts them back in eval mode each time, so their running
+                statistics stay fixed.
+            freeze_backbone: fix the encoder's weights (and its batch-norm statistics), see
+                :meth:`freeze_backbone`. Only for models with a ``self.backbone``.
+        """
+        self.bn_frozen = freeze_bn
+        if freeze_backbone:
+            self.freeze_backbone()
 
     def freeze_backbone(self) -> None:
         """Fix the encoder (``freeze_backbone`` in a model's args): its weights get no

@@ -18,6 +18,8 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,38 @@ def seed_epoch(seed: int, epoch: int) -> None:
     torch.manual_seed(seed * 1_000_003 + epoch)
 
 
+@dataclass(frozen=True)
+class TrainerSettings:
+    """How the training loop runs: the validated ``trainer`` section and the few top-level keys it needs.
+
+    ``builder.trainer_settings`` makes it from a config; the meaning of each field is that of
+    the config key of the same name (see docs/config.md).
+    """
+    epochs: int = 100
+    save_period: int = 1
+    monitor: str = "max mIoU"
+    early_stop: int = 0
+    val: bool = True
+    val_per_epochs: int = 1
+    log_per_iter: int = 20
+    progress_bar: bool = True
+    accumulate_steps: int = 1
+    clip_grad_norm: float | None = None
+    seed: int = 42
+    #: ``off``, ``bf16`` or ``fp16`` (already resolved for the device).
+    amp: str = "off"
+    channels_last: bool = False
+    aux_loss_weight: float = 0.4
+    ignore_index: int = 255
+    #: Where TensorBoard events go; None disables them.
+    tensorboard_dir: Path | None = None
+    #: ``train_loader.args.subset``: it fixes an epoch's batches, so a mid-epoch resume checks it.
+    subset: int | None = None
+    #: The resolved config, stored in every checkpoint so that the run can be resumed and its model
+    #: rebuilt; the loop never reads it.
+    record: Mapping[str, Any] = field(default_factory=dict)
+
+
 class TrainingInterrupted(Exception):
     """Raised after Ctrl-C (or SIGTERM) once the checkpoint is safely written."""
 
@@ -62,39 +96,36 @@ class BaseTrainer:
         optimizer, lr_scheduler: built from config; the scheduler steps per iteration.
         train_loader, val_loader: loaders with ``set_epoch`` (``val_loader`` may be None).
         run_dir: the run folder (checkpoints, logs, plots).
-        settings: the validated ``trainer`` config section.
-        config: the resolved config, saved inside each checkpoint.
+        settings: how the loop runs (see :class:`TrainerSettings`).
         meta: facts inference needs without data (arch, num_classes, class names, palette...).
-        seed: the run's seed.
         scaler: a ``torch.amp.GradScaler`` (disabled when not using float16).
         ema: the moving average of the weights, or None. Its scores (``ema/mIoU``...)
             pick its own best model, ``best_model_ema.pth``; early stop follows the model's.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,
-                 train_loader, val_loader, run_dir: Path, settings: dict, config: dict,
-                 meta: dict, seed: int, scaler: torch.amp.GradScaler, ema: AveragedModel | None = None) -> None:
+                 train_loader, val_loader, run_dir: Path, settings: TrainerSettings, meta: dict,
+                 scaler: torch.amp.GradScaler, ema: AveragedModel | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.train_loader = train_loader
-        self.val_loader = val_loader if settings["val"] else None
+        self.val_loader = val_loader if settings.val else None
         self.run_dir = Path(run_dir)
         self.settings = settings
-        self.config = config
         self.meta = meta
-        self.seed = seed
+        self.seed = settings.seed
         self.scaler = scaler
         self.ema = ema
-        self.epochs = settings["epochs"]
+        self.epochs = settings.epochs
         self.logger = run_logger(self.run_dir)
         self.csv = MetricsCSV(self.run_dir / "metrics.csv")
 
         self.monitor_mode, self.monitor_metric = "off", None
-        if settings["monitor"] != "off":
-            self.monitor_mode, self.monitor_metric = settings["monitor"].split()
+        if settings.monitor != "off":
+            self.monitor_mode, self.monitor_metric = settings.monitor.split()
         if self.monitor_mode != "off" and self.val_loader is None:
-            self.logger.warning(f"trainer.monitor is '{settings['monitor']}' but there is no validation: "
+            self.logger.warning(f"trainer.monitor is '{settings.monitor}' but there is no validation: "
                                 "no best_model.pth and no early stop (set monitor to 'off' to silence this)")
         self.best = self.best_ema = self._worst()
         self.best_epoch = self.best_ema_epoch = 0
@@ -160,7 +191,7 @@ class BaseTrainer:
             self._interrupt(epoch)
         row: dict[str, Any] = {"epoch": epoch, **logs}
         improved = ema_improved = False
-        if self.val_loader is not None and (epoch % self.settings["val_per_epochs"] == 0 or epoch == self.epochs):
+        if self.val_loader is not None and (epoch % self.settings.val_per_epochs == 0 or epoch == self.epochs):
             metrics = self._valid_epoch(epoch)
             if self._stop_agreed():
                 self._interrupt(epoch)
@@ -174,7 +205,7 @@ class BaseTrainer:
         self.csv.write_all([r for r in self.history if "mIoU" in r] if self.val_loader else self.history)
         self.logger.info(self._format_row(row))
 
-        stop = self.settings["early_stop"] > 0 and self.not_improved >= self.settings["early_stop"]
+        stop = self.settings.early_stop > 0 and self.not_improved >= self.settings.early_stop
         if stop or epoch == self.epochs:
             self.finished = "early stop" if stop else "last epoch"
         if improved:
@@ -185,7 +216,7 @@ class BaseTrainer:
                                           if k.startswith(EMA_PREFIX)}}
             self._save_best("best_model_ema.pth", self.ema.module, epoch, ema_row)
             self.logger.info(f"  saved best_model_ema.pth (EMA {self.monitor_metric} = {self.best_ema:.4f})")
-        if epoch % self.settings["save_period"] == 0 or self.finished:
+        if epoch % self.settings.save_period == 0 or self.finished:
             self._save("checkpoint.pth", epoch, self.iteration, epoch_done=True)
         if stop:
             self.logger.info(f"Early stop: {self.monitor_metric} did not improve for "
@@ -223,7 +254,7 @@ class BaseTrainer:
 
     def _finish(self) -> dict:
         summary = {"run_dir": str(self.run_dir), "epochs_trained": len(self.history),
-                   "monitor": self.settings["monitor"]}
+                   "monitor": self.settings.monitor}
         if self.monitor_mode != "off" and self.best_epoch:
             best_row = next(row for row in self.history if row["epoch"] == self.best_epoch)
             summary.update(best_epoch=self.best_epoch, best_metrics=best_row)
@@ -263,7 +294,7 @@ class BaseTrainer:
                 return
             self._stop_requested, self._stop_time = True, time.monotonic()
             self.logger.warning(f"\n{signal.Signals(signum).name}: stopping at the next check (at most "
-                                f"{self.settings['log_per_iter']} iterations) and saving a checkpoint "
+                                f"{self.settings.log_per_iter} iterations) and saving a checkpoint "
                                 "(Ctrl-C again to quit without saving)")
 
         previous = {}
@@ -308,8 +339,8 @@ class BaseTrainer:
         return {"train_loader.args.batch_size": loader.batch_size,
                 "number of processes (torchrun --nproc_per_node x nodes)": distributed.get_world_size(),
                 "train_loader.args.drop_last": loader.drop_last,
-                "trainer.accumulate_steps": self.settings["accumulate_steps"],
-                "train_loader.args.subset": self.config["train_loader"]["args"].get("subset"),
+                "trainer.accumulate_steps": self.settings.accumulate_steps,
+                "train_loader.args.subset": self.settings.subset,
                 "train_loader.args.shuffle": loader.sampler.shuffle,
                 "seed": self.seed,
                 "number of training samples": len(loader.dataset)}
@@ -330,10 +361,10 @@ class BaseTrainer:
             "epoch_done": epoch_done, "finished": self.finished,
             "batch_size": self.train_loader.batch_size, "position": self._position(),
             "partial": dict(self.partial),
-            "monitor": self.settings["monitor"], "best": self.best, "best_epoch": self.best_epoch,
+            "monitor": self.settings.monitor, "best": self.best, "best_epoch": self.best_epoch,
             "not_improved": self.not_improved, "history": self.history,
             "best_ema": self.best_ema, "best_ema_epoch": self.best_ema_epoch,
-            "rng": rng_state(), "config": self.config,
+            "rng": rng_state(), "config": dict(self.settings.record),
         }
         save_atomic(state, path)
         return path
@@ -342,8 +373,8 @@ class BaseTrainer:
         """A best model: what inference and fine-tuning need (weights, classes, config), no training state."""
         if distributed.is_main_process():
             save_atomic({"arch": self.meta["arch"], "num_classes": self.meta["num_classes"], "meta": self.meta,
-                         "model": model.state_dict(), "config": self.config,
-                         "epoch": epoch, "monitor": self.settings["monitor"], "metrics": row},
+                         "model": model.state_dict(), "config": dict(self.settings.record),
+                         "epoch": epoch, "monitor": self.settings.monitor, "metrics": row},
                         self.run_dir / filename)
 
     def _check_position(self, path: str | Path, state: dict) -> None:
@@ -383,7 +414,7 @@ class BaseTrainer:
                                   "it can be used for inference but not to resume") from exc
         if state.get("finished") == "early stop":  # resumed with more epochs: patience starts again
             self.not_improved = 0
-        if state.get("monitor") != self.settings["monitor"]:
+        if state.get("monitor") != self.settings.monitor:
             self.logger.warning(f"monitor changed from {state.get('monitor')!r}; best value reset")
             self.best = self.best_ema = self._worst()
             self.best_epoch, self.best_ema_epoch, self.not_improved = 0, 0, 0

@@ -19,8 +19,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from base.base_dataset import BaseDataSet, JointTransform, read_label
+from base.base_dataset import BaseDataSet, JointTransform
+from utils.images import read_label
 from dataloader.layout import pairs_by_suffix, require_dir
+from utils.cityscapes_eval import CityscapesEvaluator
 from utils.errors import DataError
 from utils.registry import DATASETS
 
@@ -29,6 +31,12 @@ LAYOUT = ("expected leftImg8bit/<split>/<city>/*_leftImg8bit.png and "
 
 #: The label id of each of the 19 train ids (cityscapesScripts' labels.py).
 TRAIN_TO_LABEL_ID = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+#: Mean instance size in pixels per class over the training set (the official script's constants).
+AVERAGE_INSTANCE_SIZE = {
+    "person": 3462.4756337644, "rider": 3930.4788056518, "car": 12794.0202738185, "truck": 27855.1264367816,
+    "bus": 35732.1511111111, "train": 67583.7075812274, "motorcycle": 6298.7200839748,
+    "bicycle": 4672.3249222261,
+}
 
 
 @DATASETS.register
@@ -73,6 +81,19 @@ class Cityscapes(BaseDataSet):
         if train_ids.size and (train_ids.min() < 0 or train_ids.max() >= len(TRAIN_TO_LABEL_ID)):
             raise ValueError(f"train ids must be 0-{len(TRAIN_TO_LABEL_ID) - 1}, got {int(train_ids.max())}")
         return np.asarray(TRAIN_TO_LABEL_ID, dtype=np.uint8)[train_ids]
+
+    @classmethod
+    def benchmark_evaluator(cls, ignore_index: int) -> CityscapesEvaluator:
+        """The official benchmark's IoU and iIoU on this data set's classes (see :mod:`utils.cityscapes_eval`)."""
+        n = len(cls.class_names)
+        return CityscapesEvaluator(cls.class_names, cls.label_lut(ignore_index=n), AVERAGE_INSTANCE_SIZE,
+                                   ignore_index)
+
+    @classmethod
+    def instance_map_path(cls, label_path: Path) -> Path | None:
+        """The ``*_instanceIds.png`` beside a ``*_labelIds.png`` label, if it is there."""
+        path = Path(str(label_path).replace("_labelIds", "_instanceIds"))
+        return path if path != Path(label_path) and path.is_file() else None
 
     def _split_dirs(self) -> list[str]:
         return ["train", "val"] if self.split == "trainval" else [self.split]

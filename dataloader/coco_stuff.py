@@ -22,7 +22,8 @@ from typing import Literal
 import numpy as np
 import scipy.io
 
-from base.base_dataset import BaseDataSet, JointTransform, apply_label_lut
+from base.base_dataset import BaseDataSet, JointTransform
+from utils.labels import apply_label_lut
 from dataloader.layout import bit_palette, pairs_by_name, pairs_by_suffix, read_list, require_dir
 from utils.errors import DataError
 from utils.registry import DATASETS

@@ -23,8 +23,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from base.base_dataset import (BaseDataSet, ClassInfo, JointTransform, apply_color_map, apply_label_lut,
-                               make_label_lut, read_label)
+from base.base_dataset import BaseDataSet, ClassInfo, JointTransform
+from utils.images import read_label
+from utils.labels import apply_color_map, apply_label_lut, make_label_lut
 from dataloader.layout import bit_palette, read_list, require_dir
 from utils.errors import ConfigError, DataError
 from utils.registry import DATASETS

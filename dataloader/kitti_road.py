@@ -15,7 +15,9 @@ from typing import Literal
 
 import numpy as np
 
-from base.base_dataset import BaseDataSet, JointTransform, apply_color_map, read_label
+from base.base_dataset import BaseDataSet, JointTransform
+from utils.images import read_label
+from utils.labels import apply_color_map
 from dataloader.layout import require_dir
 from utils.errors import DataError
 from utils.registry import DATASETS

@@ -418,13 +418,20 @@ def build_encoder(name: EncoderName, *, output_stride: int = 32, pretrained: boo
                                            weights_path=weights_path, in_channels=in_channels)
 
 
-def feature_index(encoder: nn.Module, stride: int) -> int:
-    """Index of the last of ``encoder``'s features at ``stride``; a ConfigError if it has none.
+def feature_at_stride(encoder: nn.Module, stride: int, or_coarser: bool = False) -> int:
+    """Index of the ``encoder`` feature that a decoder takes at ``stride`` (4: the 1/4-resolution one).
 
-    Decoders that fuse a feature of a given resolution (DeepLabV3+'s stride-4
-    skip, FCN-8s's stride-8 and 16 ones) find it through this.
+    By default the last feature at exactly ``stride`` (the deepest, where a dilated
+    encoder has several): the skip a decoder fuses at that resolution (DeepLabV3+'s
+    stride-4 one, FCN-8s's stride-8 and 16 ones); a ConfigError if there is none.
+    With ``or_coarser`` the first feature at ``stride`` or coarser: where a pyramid
+    that starts at that resolution starts (FPN, UPerNet and GCN from stride 4, so a
+    stem's stride-2 map is left out), its first feature when all are coarser.
     """
-    if stride not in encoder.strides:
+    strides = tuple(encoder.strides)
+    if or_coarser and strides[-1] >= stride:
+        return next(index for index, s in enumerate(strides) if s >= stride)
+    if stride not in strides:
         raise ConfigError(f"the decoder needs a stride-{stride} feature, but this backbone's features have "
-                          f"strides {encoder.strides}; use a backbone (or output_stride) that has one")
-    return len(encoder.strides) - 1 - encoder.strides[::-1].index(stride)
+                          f"strides {strides}; use a backbone (or output_stride) that has one")
+    return len(strides) - 1 - strides[::-1].index(stride)

@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from base.base_model import BaseModel
-from models.backbones import EncoderName, build_encoder, feature_index
+from models.backbones import EncoderName, feature_at_stride
 from models.blocks import ConvBNReLU, SeparableASPP, SeparableConvBNReLU, aspp_rates
+from models.encoder_head import EncoderModel
 from utils.registry import MODELS
 
 
 @MODELS.register
-class DeepLabV3Plus(BaseModel):
+class DeepLabV3Plus(EncoderModel):
     """Encoder -> separable ASPP on the last feature -> fused with the stride-4 feature -> logits.
 
     The ASPP output is upsampled to the stride-4 feature, concatenated with it
@@ -19,14 +19,11 @@ class DeepLabV3Plus(BaseModel):
     semantic ones), refined by two 3x3 convs and classified; the logits are
     upsampled to the input size. As in the paper, the ASPP's atrous branches and
     the decoder's 3x3 convs are depthwise separable (half the FLOPs of full ones).
+    The ASPP rates follow the output stride (see :func:`models.blocks.aspp_rates`).
 
     Args:
-        num_classes: output channels (injected by the framework).
-        backbone, output_stride, pretrained, weights_path, in_channels: the encoder,
-            see ``build_encoder`` in models/backbones.py; the ASPP rates follow the
-            output stride (see :func:`models.blocks.aspp_rates`).
-        freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
-        freeze_backbone: fix the encoder's weights (and its batch-norm statistics).
+        backbone, output_stride, pretrained, weights_path, in_channels, freeze_bn, freeze_backbone:
+            the encoder arguments, see :class:`models.encoder_head.EncoderModel`.
 
     Shape:
         ``(N, in_channels, H, W)`` -> ``{"out": (N, num_classes, H, W)}``.
@@ -35,19 +32,14 @@ class DeepLabV3Plus(BaseModel):
     def __init__(self, num_classes: int, backbone: EncoderName = "resnet50", output_stride: int = 16,
                  pretrained: bool = False, weights_path: str | None = None, in_channels: int = 3,
                  freeze_bn: bool = False, freeze_backbone: bool = False) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.backbone = build_encoder(backbone, output_stride=output_stride, pretrained=pretrained,
-                                      weights_path=weights_path, in_channels=in_channels)
+        super().__init__(num_classes, backbone, output_stride, pretrained, weights_path, in_channels)
         channels, strides = self.backbone.out_channels, self.backbone.strides
-        self.low_index = feature_index(self.backbone, 4)
+        self.low_index = feature_at_stride(self.backbone, 4)
         self.aspp = SeparableASPP(channels[-1], 256, aspp_rates(strides[-1]))
         self.low_level = ConvBNReLU(channels[self.low_index], 48, kernel_size=1)
         self.refine = nn.Sequential(SeparableConvBNReLU(256 + 48, 256), SeparableConvBNReLU(256, 256))
         self.classifier = nn.Conv2d(256, num_classes, kernel_size=1)
-        self.bn_frozen = freeze_bn
-        if freeze_backbone:
-            self.freeze_backbone()
+        self.apply_freezing(freeze_bn, freeze_backbone)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone(x)

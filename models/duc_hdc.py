@@ -6,14 +6,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from base.base_model import BaseModel
-from models.backbones import EncoderName, ResNetEncoder, build_encoder, set_dilation
+from models.backbones import EncoderName, ResNetEncoder, set_dilation
 from models.blocks import pad_to_multiple
+from models.encoder_head import EncoderModel
 from utils.registry import MODELS
 
 
 @MODELS.register
-class DUCHDC(BaseModel):
+class DUCHDC(EncoderModel):
     """ResNet at output stride 8 with hybrid dilation -> DUC: a 3x3 conv to ``8 * 8 * num_classes``
     channels, rearranged (pixel shuffle) into full-resolution scores.
 
@@ -25,13 +25,11 @@ class DUCHDC(BaseModel):
     input is zero-padded to a multiple of 8 and the scores cropped back.
 
     Args:
-        num_classes: output channels (injected by the framework).
         backbone: a ResNet or ResNeXt encoder (HDC sets the rates of its blocks).
-        pretrained, weights_path, in_channels: the encoder, see :func:`models.backbones.build_encoder`.
+        pretrained, weights_path, in_channels, freeze_bn, freeze_backbone: the encoder arguments
+            (its output stride is 8), see :class:`models.encoder_head.EncoderModel`.
         layer3_rates: the dilation rates the blocks of layer3 cycle through.
         layer4_rates: the dilation rates the blocks of layer4 cycle through.
-        freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
-        freeze_backbone: fix the encoder's weights (and its batch-norm statistics).
 
     Shape:
         ``(N, in_channels, H, W)`` -> ``{"out": (N, num_classes, H, W)}``.
@@ -41,10 +39,7 @@ class DUCHDC(BaseModel):
                  weights_path: str | None = None, in_channels: int = 3,
                  layer3_rates: Sequence[int] = (1, 2, 5, 9), layer4_rates: Sequence[int] = (5, 9, 17),
                  freeze_bn: bool = False, freeze_backbone: bool = False) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.backbone = build_encoder(backbone, output_stride=8, pretrained=pretrained,
-                                      weights_path=weights_path, in_channels=in_channels)
+        super().__init__(num_classes, backbone, 8, pretrained, weights_path, in_channels)
         if not isinstance(self.backbone, ResNetEncoder):
             raise ValueError(f"backbone must be a ResNet or ResNeXt (HDC sets the rates of its residual "
                              f"blocks), got {backbone!r}")
@@ -57,9 +52,7 @@ class DUCHDC(BaseModel):
         self.duc = nn.Sequential(nn.Conv2d(self.backbone.out_channels[-1], num_classes * self.scale ** 2,
                                            kernel_size=3, padding=1),
                                  nn.PixelShuffle(self.scale))
-        self.bn_frozen = freeze_bn
-        if freeze_backbone:
-            self.freeze_backbone()
+        self.apply_freezing(freeze_bn, freeze_backbone)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         height, width = x.shape[-2:]

@@ -174,7 +174,7 @@ class ENet(BaseModel):
         dropout: spatial dropout of the bottlenecks after stage 1 (the paper's 0.1).
         channels_last: keep weights and activations in the ``channels_last``
             memory format: faster on the CPU, fastest with ``"amp": true``
-            (bf16), where oneDNN then needs no layout reorders (bench/enet.py).
+            (bf16), where oneDNN then needs no layout reorders (tools/bench/enet.py).
 
     Shape:
         ``(N, in_channels, H, W)`` -> ``{"out": (N, num_classes, H, W)}``; other

@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from base.base_model import BaseModel
-from models.backbones import EncoderName, build_encoder, feature_index
+from models.backbones import EncoderName, feature_at_stride
 from models.blocks import BilinearUpsample, pad_to_multiple
+from models.encoder_head import EncoderModel
 from utils.registry import MODELS
 
 
 @MODELS.register
-class FCN8s(BaseModel):
+class FCN8s(EncoderModel):
     """Encoder (stride 32) -> fc6 (7x7) and fc7 (1x1) as convolutions -> scores, upsampled 2x and
     summed with the stride-16 feature's scores, again 2x with the stride-8 feature's, then 8x.
 
@@ -24,12 +24,9 @@ class FCN8s(BaseModel):
     stride-32 prediction.
 
     Args:
-        num_classes: output channels (injected by the framework).
-        backbone, pretrained, weights_path, in_channels: the encoder, see
-            ``build_encoder`` in models/backbones.py.
+        backbone, pretrained, weights_path, in_channels, freeze_bn, freeze_backbone: the encoder
+            arguments (its output stride is 32), see :class:`models.encoder_head.EncoderModel`.
         fc_channels: channels of fc6 and fc7 (4096 in the paper).
-        freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
-        freeze_backbone: fix the encoder's weights (and its batch-norm statistics).
 
     Shape:
         ``(N, in_channels, H, W)`` -> ``{"out": (N, num_classes, H, W)}``.
@@ -38,12 +35,9 @@ class FCN8s(BaseModel):
     def __init__(self, num_classes: int, backbone: EncoderName = "vgg16_bn", pretrained: bool = False,
                  weights_path: str | None = None, in_channels: int = 3, fc_channels: int = 4096,
                  freeze_bn: bool = False, freeze_backbone: bool = False) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.backbone = build_encoder(backbone, output_stride=32, pretrained=pretrained,
-                                      weights_path=weights_path, in_channels=in_channels)
+        super().__init__(num_classes, backbone, 32, pretrained, weights_path, in_channels)
         channels = self.backbone.out_channels
-        self.skips = (feature_index(self.backbone, 16), feature_index(self.backbone, 8))
+        self.skips = (feature_at_stride(self.backbone, 16), feature_at_stride(self.backbone, 8))
         self.head = nn.Sequential(
             nn.Conv2d(channels[-1], fc_channels, kernel_size=7, padding=3), nn.ReLU(inplace=True), nn.Dropout2d(),
             nn.Conv2d(fc_channels, fc_channels, kernel_size=1), nn.ReLU(inplace=True), nn.Dropout2d(),
@@ -54,9 +48,7 @@ class FCN8s(BaseModel):
             nn.init.zeros_(score.bias)
         self.up2 = nn.ModuleList(BilinearUpsample(num_classes, 2) for _ in self.skips)
         self.up8 = BilinearUpsample(num_classes, 8)
-        self.bn_frozen = freeze_bn
-        if freeze_backbone:
-            self.freeze_backbone()
+        self.apply_freezing(freeze_bn, freeze_backbone)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         height, width = x.shape[-2:]

@@ -6,9 +6,9 @@ import math
 import torch
 from torch import nn
 
-from base.base_model import BaseModel
-from models.backbones import EncoderName, build_encoder
+from models.backbones import EncoderName, feature_at_stride
 from models.blocks import ConvBNReLU, FPNNeck, pad_to_multiple
+from models.encoder_head import EncoderModel
 from utils.registry import MODELS
 
 
@@ -28,7 +28,7 @@ class ScaleBranch(nn.Sequential):
 
 
 @MODELS.register
-class FPN(BaseModel):
+class FPN(EncoderModel):
     """Encoder -> FPN (256 channels) on the stride 4 ... 32 features -> each level brought to
     stride 4 by 128-channel conv + 2x upsampling stages -> summed -> 1x1 classifier -> 4x upsampling.
 
@@ -38,13 +38,10 @@ class FPN(BaseModel):
     upsamples exactly 2x, and the logits are cropped back.
 
     Args:
-        num_classes: output channels (injected by the framework).
-        backbone, output_stride, pretrained, weights_path, in_channels: the encoder,
-            see ``build_encoder`` in models/backbones.py.
+        backbone, output_stride, pretrained, weights_path, in_channels, freeze_bn, freeze_backbone:
+            the encoder arguments, see :class:`models.encoder_head.EncoderModel`.
         pyramid_channels: channels of the FPN levels.
         segmentation_channels: channels of the semantic branch.
-        freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
-        freeze_backbone: fix the encoder's weights (and its batch-norm statistics).
 
     Shape:
         ``(N, in_channels, H, W)`` -> ``{"out": (N, num_classes, H, W)}``.
@@ -54,20 +51,15 @@ class FPN(BaseModel):
                  pretrained: bool = False, weights_path: str | None = None, in_channels: int = 3,
                  pyramid_channels: int = 256, segmentation_channels: int = 128, freeze_bn: bool = False,
                  freeze_backbone: bool = False) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.backbone = build_encoder(backbone, output_stride=output_stride, pretrained=pretrained,
-                                      weights_path=weights_path, in_channels=in_channels)
+        super().__init__(num_classes, backbone, output_stride, pretrained, weights_path, in_channels)
         strides = self.backbone.strides
-        self.first = next(i for i, s in enumerate(strides) if s >= 4)
+        self.first = feature_at_stride(self.backbone, 4, or_coarser=True)
         self.fpn = FPNNeck(self.backbone.out_channels[self.first:], pyramid_channels)
         self.branches = nn.ModuleList(
             ScaleBranch(pyramid_channels, segmentation_channels, int(math.log2(s // strides[self.first])))
             for s in strides[self.first:])
         self.classifier = nn.Conv2d(segmentation_channels, num_classes, kernel_size=1)
-        self.bn_frozen = freeze_bn
-        if freeze_backbone:
-            self.freeze_backbone()
+        self.apply_freezing(freeze_bn, freeze_backbone)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         height, width = x.shape[-2:]

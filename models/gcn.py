@@ -6,9 +6,9 @@ import math
 import torch
 from torch import nn
 
-from base.base_model import BaseModel
-from models.backbones import EncoderName, build_encoder
+from models.backbones import EncoderName, feature_at_stride
 from models.blocks import BilinearUpsample, pad_to_multiple
+from models.encoder_head import EncoderModel
 from utils.registry import MODELS
 
 
@@ -50,7 +50,7 @@ class BoundaryRefine(nn.Module):
 
 
 @MODELS.register
-class GCN(BaseModel):
+class GCN(EncoderModel):
     """Encoder -> GCN + BR score maps on every feature at stride 4 or coarser -> coarse to fine:
     upsample (learned, bilinear at start), add the finer level's scores, BR -> two more
     upsample + BR steps from stride 4 to the input.
@@ -59,12 +59,9 @@ class GCN(BaseModel):
     upsampling is exactly 2x) and the scores are cropped back.
 
     Args:
-        num_classes: output channels (injected by the framework).
-        backbone, output_stride, pretrained, weights_path, in_channels: the encoder,
-            see ``build_encoder`` in models/backbones.py.
+        backbone, output_stride, pretrained, weights_path, in_channels, freeze_bn, freeze_backbone:
+            the encoder arguments, see :class:`models.encoder_head.EncoderModel`.
         kernel_size: ``k`` of the global convolutions (15 in the paper).
-        freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
-        freeze_backbone: fix the encoder's weights (and its batch-norm statistics).
 
     Shape:
         ``(N, in_channels, H, W)`` -> ``{"out": (N, num_classes, H, W)}``.
@@ -73,14 +70,11 @@ class GCN(BaseModel):
     def __init__(self, num_classes: int, backbone: EncoderName = "resnet50", output_stride: int = 32,
                  pretrained: bool = False, weights_path: str | None = None, in_channels: int = 3,
                  kernel_size: int = 15, freeze_bn: bool = False, freeze_backbone: bool = False) -> None:
-        super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
-        self.num_classes = num_classes
-        self.backbone = build_encoder(backbone, output_stride=output_stride, pretrained=pretrained,
-                                      weights_path=weights_path, in_channels=in_channels)
+        super().__init__(num_classes, backbone, output_stride, pretrained, weights_path, in_channels)
         strides = self.backbone.strides
-        self.first = next(i for i, s in enumerate(strides) if s >= 4)
+        self.first = feature_at_stride(self.backbone, 4, or_coarser=True)
         self.gcn = nn.ModuleList(GlobalConv(c, num_classes, kernel_size)
                                  for c in self.backbone.out_channels[self.first:])
         self.br = nn.ModuleList(BoundaryRefine(num_classes) for _ in self.gcn)
@@ -91,9 +85,7 @@ class GCN(BaseModel):
         steps = int(math.log2(strides[self.first]))
         self.final = nn.ModuleList(nn.Sequential(BilinearUpsample(num_classes, 2), BoundaryRefine(num_classes))
                                    for _ in range(steps))
-        self.bn_frozen = freeze_bn
-        if freeze_backbone:
-            self.freeze_backbone()
+        self.apply_freezing(freeze_bn, freeze_backbone)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         height, width = x.shape[-2:]

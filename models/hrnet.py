@@ -106,7 +106,7 @@ class HRNetV2(BaseModel):
         width: 18, 32 or 48 (HRNetV2-W18 / W32 / W48).
         pretrained: start the backbone from timm's ImageNet weights.
         weights_path: a local timm checkpoint to load instead of timm's cache.
-        freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
+        freeze_bn: see :meth:`base.base_model.BaseModel.apply_freezing`.
 
     Shape:
         ``(N, 3, H, W)`` -> ``{"out": (N, num_classes, H, W)}``.
@@ -116,11 +116,11 @@ class HRNetV2(BaseModel):
                  weights_path: str | None = None, freeze_bn: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.bn_frozen = freeze_bn
         self.backbone = HRNetEncoder(width, pretrained, weights_path)
         channels = sum(self.backbone.out_channels)
         self.head = nn.Sequential(ConvBNReLU(channels, channels, kernel_size=1),
                                   nn.Conv2d(channels, num_classes, kernel_size=1))
+        self.apply_freezing(freeze_bn)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.head(concat_resolutions(self.backbone(x)))

@@ -42,7 +42,7 @@ class MSOCR(BaseModel):
         attention_channels: channels of the scale-attention head.
         pretrained: start the backbone from timm's ImageNet weights.
         weights_path: a local timm checkpoint to load instead of timm's cache.
-        freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
+        freeze_bn: see :meth:`base.base_model.BaseModel.apply_freezing`.
 
     Shape:
         ``(N, 3, H, W)`` -> ``{"out": (N, num_classes, H, W)}`` (+ ``"aux"`` in training).
@@ -53,7 +53,6 @@ class MSOCR(BaseModel):
                  pretrained: bool = False, weights_path: str | None = None, freeze_bn: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.bn_frozen = freeze_bn
         self.scales = self._check_scales(scales)
         self.backbone = HRNetEncoder(width, pretrained, weights_path)
         channels = sum(self.backbone.out_channels)
@@ -62,6 +61,7 @@ class MSOCR(BaseModel):
         self.attention = nn.Sequential(ConvBNReLU(mid_channels, attention_channels, 3),
                                        ConvBNReLU(attention_channels, attention_channels, 3),
                                        nn.Conv2d(attention_channels, 1, 1, bias=False), nn.Sigmoid())
+        self.apply_freezing(freeze_bn)
 
     @staticmethod
     def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:

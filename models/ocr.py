@@ -102,7 +102,7 @@ class HRNetOCR(BaseModel):
         key_channels: channels of the OCR attention.
         pretrained: start the backbone from timm's ImageNet weights.
         weights_path: a local timm checkpoint to load instead of timm's cache.
-        freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
+        freeze_bn: see :meth:`base.base_model.BaseModel.apply_freezing`.
 
     Shape:
         ``(N, 3, H, W)`` -> ``{"out": (N, num_classes, H, W)}`` (+ ``"aux"`` in training).
@@ -112,11 +112,11 @@ class HRNetOCR(BaseModel):
                  pretrained: bool = False, weights_path: str | None = None, freeze_bn: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.bn_frozen = freeze_bn
         self.backbone = HRNetEncoder(width, pretrained, weights_path)
         channels = sum(self.backbone.out_channels)
         self.aux = soft_region_head(channels, num_classes)
         self.head = OCRHead(channels, num_classes, mid_channels, key_channels)
+        self.apply_freezing(freeze_bn)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = concat_resolutions(self.backbone(x))

@@ -26,7 +26,7 @@ class SegNet(BaseModel):
         pretrained: start the encoder from torchvision's ImageNet VGG16-BN weights.
         weights_path: a local weights file to load instead of the torch hub cache.
         in_channels: image channels.
-        freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
+        freeze_bn: see :meth:`base.base_model.BaseModel.apply_freezing`.
 
     Shape:
         ``(N, in_channels, H, W)`` -> ``{"out": (N, num_classes, H, W)}``; other sizes than
@@ -39,7 +39,6 @@ class SegNet(BaseModel):
                  in_channels: int = 3, freeze_bn: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.bn_frozen = freeze_bn
         self.backbone = build_encoder("vgg16_bn", pretrained=pretrained, weights_path=weights_path,
                                       in_channels=in_channels)
         convs_per_stage, count = [], 0
@@ -55,6 +54,7 @@ class SegNet(BaseModel):
             layers = [ConvBNReLU(width, width) for _ in range(convs_per_stage[stage] - 1)]
             layers.append(ConvBNReLU(width, target) if stage else nn.Conv2d(width, num_classes, 3, padding=1))
             self.decoder.append(nn.Sequential(*layers))
+        self.apply_freezing(freeze_bn)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         height, width = x.shape[-2:]

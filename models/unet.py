@@ -97,8 +97,8 @@ class UNet(BaseModel):
         upsampling: ``"bilinear"`` or ``"transpose"`` (learned), see :class:`UpBlock`.
         output_stride, pretrained, weights_path: the encoder's, see
             ``build_encoder`` in models/backbones.py. Only with ``backbone``.
-        freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
-        freeze_backbone: fix the encoder's weights (and its batch-norm statistics). Only with ``backbone``.
+        freeze_bn, freeze_backbone: see :meth:`base.base_model.BaseModel.apply_freezing`;
+            ``freeze_backbone`` only with ``backbone``.
 
     Shape:
         ``(N, in_channels, H, W)`` -> ``{"out": (N, num_classes, H, W)}``.
@@ -131,9 +131,7 @@ class UNet(BaseModel):
         self.up = nn.ModuleList(UpBlock(i, s, o, upsampling) for i, s, o in zip(ins, skips, widths))
         self.head = nn.Conv2d(widths[-1], num_classes, kernel_size=1)
         self.smallest = encoder.strides[-1]
-        self.bn_frozen = freeze_bn
-        if freeze_backbone:
-            self.freeze_backbone()
+        self.apply_freezing(freeze_bn, freeze_backbone)
 
     @staticmethod
     def _paper_encoder(in_channels: int, base_channels: int | None, depth: int | None,

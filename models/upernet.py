@@ -4,15 +4,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from base.base_model import BaseModel
-from models.backbones import EncoderName, build_encoder
+from models.backbones import EncoderName, feature_at_stride
 from models.blocks import FPNNeck, PPM, ConvBNReLU
 from models.blocks import aux_head as make_aux_head
+from models.encoder_head import EncoderModel
 from utils.registry import MODELS
 
 
 @MODELS.register
-class UPerNet(BaseModel):
+class UPerNet(EncoderModel):
     """Encoder -> PPM on the last feature as the FPN's top level -> every level upsampled to
     stride 4, concatenated, fused by a 3x3 conv -> classifier -> upsampling.
 
@@ -20,13 +20,10 @@ class UPerNet(BaseModel):
     not, as in the paper). Channel widths follow mmseg's UPerHead (512).
 
     Args:
-        num_classes: output channels (injected by the framework).
-        backbone, output_stride, pretrained, weights_path, in_channels: the encoder,
-            see ``build_encoder`` in models/backbones.py.
+        backbone, output_stride, pretrained, weights_path, in_channels, freeze_bn, freeze_backbone:
+            the encoder arguments, see :class:`models.encoder_head.EncoderModel`.
         channels: channels of the PPM branches, the FPN and the fused map.
         aux_head: add an FCN head on the second-to-last feature (stride 16 stage), output ``aux`` in training.
-        freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
-        freeze_backbone: fix the encoder's weights (and its batch-norm statistics).
 
     Shape:
         ``(N, in_channels, H, W)`` -> ``{"out": (N, num_classes, H, W)}`` (and ``"aux"`` in training).
@@ -36,12 +33,9 @@ class UPerNet(BaseModel):
                  pretrained: bool = False, weights_path: str | None = None, in_channels: int = 3,
                  channels: int = 512, aux_head: bool = True, freeze_bn: bool = False,
                  freeze_backbone: bool = False) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.backbone = build_encoder(backbone, output_stride=output_stride, pretrained=pretrained,
-                                      weights_path=weights_path, in_channels=in_channels)
+        super().__init__(num_classes, backbone, output_stride, pretrained, weights_path, in_channels)
         encoder_channels = self.backbone.out_channels
-        self.first = next(i for i, s in enumerate(self.backbone.strides) if s >= 4)
+        self.first = feature_at_stride(self.backbone, 4, or_coarser=True)
         ppm = PPM(encoder_channels[-1], channels)
         self.top = nn.Sequential(ppm, ConvBNReLU(ppm.out_channels, channels))
         self.fpn = FPNNeck(encoder_channels[self.first:-1], channels)
@@ -49,9 +43,7 @@ class UPerNet(BaseModel):
         self.fuse = ConvBNReLU(levels * channels, channels)
         self.classifier = nn.Sequential(nn.Dropout(0.1), nn.Conv2d(channels, num_classes, kernel_size=1))
         self.aux = make_aux_head(encoder_channels[-2], num_classes) if aux_head else None
-        self.bn_frozen = freeze_bn
-        if freeze_backbone:
-            self.freeze_backbone()
+        self.apply_freezing(freeze_bn, freeze_backbone)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone(x)

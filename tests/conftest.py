@@ -59,7 +59,7 @@ import signal, sys
 import torch
 sys.path[:0] = [{root!r}, {tests!r}]
 import train
-from test_scale import NO_BN, NoBatchNormNet
+from test_training_tools import NO_BN, NoBatchNormNet
 from utils.registry import MODELS
 
 MODELS.register(NoBatchNormNet, name=NO_BN)

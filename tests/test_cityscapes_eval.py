@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataloader.cityscapes import TRAIN_TO_LABEL_ID, Cityscapes
-from utils.cityscapes_eval import AVERAGE_INSTANCE_SIZE, CityscapesEvaluator
+from dataloader.cityscapes import AVERAGE_INSTANCE_SIZE, TRAIN_TO_LABEL_ID, Cityscapes
 
 official = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
 
@@ -69,7 +68,7 @@ def test_iou_and_iiou_equal_the_official_script(tmp_path, monkeypatch):
                             raising=False)
     scenes = [scene(seed) for seed in range(3)]
     expected = run_official(tmp_path, scenes)
-    evaluator = CityscapesEvaluator()
+    evaluator = Cityscapes.benchmark_evaluator(255)
     for label, instances, pred in scenes:
         evaluator.update(torch.from_numpy(pred), torch.from_numpy(train_ids(label)), instances)
     result = evaluator.result()
@@ -90,7 +89,7 @@ def test_perfect_prediction_scores_one_and_void_never_counts():
     label, instances, _ = scene(0)
     pred = Cityscapes.label_lut(255)[label].astype(np.int64)
     pred[pred == 255] = 2  # void pixels predicted as building: not a false positive
-    evaluator = CityscapesEvaluator()
+    evaluator = Cityscapes.benchmark_evaluator(255)
     evaluator.update(pred, train_ids(label), instances)
     result = evaluator.result()
     present = {"road", "sky", "building", "car", "person", "bicycle"}
@@ -110,7 +109,7 @@ def test_iiou_weights_instances_by_average_size_over_their_size():
     pred[0, 0] = 13                     # 1 of A's 2 px found
     pred[1:4, :2] = 13                  # 6 of B's 12 px found
     pred[3, 9] = 13                     # one road pixel called car: FP 1
-    evaluator = CityscapesEvaluator()
+    evaluator = Cityscapes.benchmark_evaluator(255)
     evaluator.update(pred, train_ids(label), instances)
     size = AVERAGE_INSTANCE_SIZE["car"]
     tp = 1 * size / 2 + 6 * size / 12
@@ -120,7 +119,7 @@ def test_iiou_weights_instances_by_average_size_over_their_size():
 
 
 def test_without_instance_maps_iiou_is_nan_and_bad_inputs_are_refused():
-    evaluator = CityscapesEvaluator()
+    evaluator = Cityscapes.benchmark_evaluator(255)
     label, _, pred = scene(1)
     evaluator.update(pred, train_ids(label))
     assert math.isnan(evaluator.result()["iIoU"]) and not math.isnan(evaluator.result()["mIoU"])
@@ -156,7 +155,7 @@ def test_validation_reports_the_benchmarks_iiou(tmp_path, tiny_config):
     image, label, instances = trainer.val_loader.dataset[0]
     with torch.no_grad():
         pred = model(trainer._to_device(image[None], label[None])[0])["out"].argmax(1)[0]
-    expected = CityscapesEvaluator(255)
+    expected = Cityscapes.benchmark_evaluator(255)
     expected.update(pred, label, instances)
     scores = expected.result()
     assert row["iIoU"] == pytest.approx(scores["iIoU"], abs=1e-12)

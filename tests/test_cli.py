@@ -414,7 +414,7 @@ def test_inference_inputs_folder_tree_list_file_and_single_image(trained, tmp_pa
 
 
 def test_inference_modes_and_extra_outputs(trained, tmp_path):
-    from utils.predict import InferenceSettings, Predictor, remove_small_clusters
+    from predictor import InferenceSettings, Predictor, remove_small_clusters
 
     config_path, run_dir = trained
     checkpoint = str(run_dir / "best_model.pth")
@@ -443,7 +443,7 @@ def test_inference_modes_and_extra_outputs(trained, tmp_path):
 
 
 def test_inference_section_of_the_config(trained, tmp_path, tiny_config, capsys):
-    from utils.predict import InferenceSettings, Predictor
+    from predictor import InferenceSettings, Predictor
 
     _, run_dir = trained
     checkpoint = str(run_dir / "best_model.pth")
@@ -518,7 +518,7 @@ def test_inference_on_a_video_keeps_frames_and_frame_rate(trained, tmp_path, ext
 def test_inference_report_on_cityscapes_names_has_iiou_and_label_ids(tmp_path):
     from dataloader.cityscapes import TRAIN_TO_LABEL_ID, Cityscapes
     from tests.test_export import make_checkpoint
-    from utils.cityscapes_eval import CityscapesEvaluator
+    from dataloader.cityscapes import Cityscapes
 
     loader = {"type": "Cityscapes", "args": {"data_dir": str(tmp_path / "absent"), "batch_size": 2}}
     config, checkpoint = make_checkpoint(tmp_path, {"type": "UNet", "args": {"base_channels": 4, "depth": 2}},
@@ -538,7 +538,7 @@ def test_inference_report_on_cityscapes_names_has_iiou_and_label_ids(tmp_path):
     out = tmp_path / "out"
     assert inference.main(["-c", config, "-m", checkpoint, "-i", str(tmp_path / "leftImg8bit" / "val"),
                            "-o", str(out), "--labels", str(tmp_path / "gtFine" / "val"), "--label-ids"]) == 0
-    expected = CityscapesEvaluator()
+    expected = Cityscapes.benchmark_evaluator(255)
     for i in range(2):
         stem = f"aachen_000000_00001{i}"
         pred = np.array(Image.open(out / "aachen" / f"{stem}_leftImg8bit.png"))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.build import build_model, dataset_class
+from builder import build_model, dataset_class
 from utils.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

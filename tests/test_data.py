@@ -8,13 +8,14 @@ import torch
 from PIL import Image
 
 from base.base_dataloader import BaseDataLoader, EpochSampler
-from base.base_dataset import BaseDataSet, normalize_batch, read_image, read_label
+from base.base_dataset import BaseDataSet
+from utils.images import normalize_batch, read_image, read_label
 from dataloader.camvid import CamVid
 from dataloader.synthetic import SyntheticShapes, make_sample
 from dataloader.transforms import (ColorJitter, GaussianBlur, RandomCrop, RandomHorizontalFlip,
                                    RandomRotate, RandomScale, Resize)
 from utils import distributed
-from utils.build import build_loader
+from builder import build_loader
 from utils.config import validate_loader
 from utils.errors import ConfigError, DataError
 from utils.registry import TRANSFORMS

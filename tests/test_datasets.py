@@ -446,7 +446,7 @@ def test_folder_label_decoder_reads_colours_from_the_args(tmp_path):
 
 @pytest.mark.slow  # imports every component for the config and augments 512x1024 crops
 def test_minicity_config_trains_on_the_official_layout(tmp_path):
-    from utils.build import build_loader
+    from builder import build_loader
     from utils.config import load_config
     root = tmp_path / "minicity"
     for i in range(3):

@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import builder
 import train
 from models.unet import UNet
 from utils.checkpoint import load_checkpoint
 
 from conftest import TINY_CONFIG
-from test_scale import make_trainer, no_bn_config, no_bn_model, weights  # noqa: F401 (a fixture)
+from test_training_tools import make_trainer, no_bn_config, no_bn_model, weights  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_sync_batch_norm_needs_cuda(one_process_group):
     model = UNet(num_classes=3, base_channels=4, depth=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        wrapped = train.wrap_distributed(model, torch.device("cpu"), sync_bn=True)
+        wrapped = builder.wrap_distributed(model, torch.device("cpu"), sync_bn=True)
     assert any("use_synch_bn: SyncBatchNorm needs CUDA" in str(w.message) for w in caught)
     assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in wrapped.modules())

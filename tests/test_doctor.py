@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from dataloader.folder import Folder
-from utils import doctor
+from tools import doctor
 
 IGNORE = 255
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
+import types
 import urllib.error
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 import torchvision
 
 import models  # noqa: F401  (registers the encoders)
-from models.backbones import IMAGENET_MEAN_STD, build_encoder, check_encoder_name
+from models.backbones import IMAGENET_MEAN_STD, build_encoder, check_encoder_name, feature_at_stride
 from utils.errors import CheckpointError, ConfigError
 
 RESNET18_FILE = os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)
@@ -107,6 +109,24 @@ def test_timm_encoder_reads_feature_info():
     assert encoder.strides == (2, 4, 8, 8, 8)
     assert shapes(encoder, (64, 64)) == [(1, 64, 32, 32), (1, 64, 16, 16), (1, 128, 8, 8), (1, 256, 8, 8),
                                          (1, 512, 8, 8)]
+
+
+@pytest.mark.parametrize("strides, stride, or_coarser, index", [
+    ((2, 4, 8, 16, 32), 4, False, 1),
+    ((2, 4, 8, 16, 32), 4, True, 1),  # a pyramid from stride 4 leaves the stem's stride-2 map out
+    ((2, 4, 8, 8, 8), 8, False, 4),  # a dilated run: the deepest feature at that stride
+    ((2, 4, 8, 8, 8), 8, True, 2),  # a pyramid starts at its first
+    ((4, 8, 16, 32), 4, False, 0),  # HRNet
+    ((8, 16, 32), 4, True, 0),  # no stride-4 feature: the pyramid starts at the finest there is
+])
+def test_feature_at_stride(strides, stride, or_coarser, index):
+    assert feature_at_stride(types.SimpleNamespace(strides=strides), stride, or_coarser=or_coarser) == index
+
+
+@pytest.mark.parametrize("strides, or_coarser", [((8, 16, 32), False), ((2,), True), ((2,), False)])
+def test_feature_at_stride_names_the_strides_when_there_is_none(strides, or_coarser):
+    with pytest.raises(ConfigError, match=rf"needs a stride-4 feature, .* strides {re.escape(str(strides))}"):
+        feature_at_stride(types.SimpleNamespace(strides=strides), 4, or_coarser=or_coarser)
 
 
 def test_timm_combination_it_cannot_build_is_a_config_error():

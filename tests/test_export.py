@@ -1,4 +1,4 @@
-"""ONNX and TorchScript export (utils.export): the written files run and match PyTorch."""
+"""ONNX and TorchScript export (tools.export): the written files run and match PyTorch."""
 from __future__ import annotations
 
 import copy
@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import inference
-from base.base_dataset import read_image
+from utils.images import read_image
 from models.blocks import max_unpool2x, pad_to_multiple
 from tests.conftest import CAMVID_DIR, TINY_CONFIG
-from utils import export
-from utils.build import build_model, dataset_meta
+from tools import export
+from builder import build_model, dataset_meta
 from utils.checkpoint import save_atomic
 from utils.config import load_config
-from utils.predict import Normalized
+from predictor import Normalized
 
 
 def camvid_image() -> Path | None:

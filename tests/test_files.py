@@ -6,6 +6,8 @@ import stat
 
 import pytest
 
+import builder
+from utils.distributed import select_device
 import train
 from utils.config import validate_config
 from utils.files import atomic_write, write_json
@@ -34,7 +36,7 @@ def test_run_files_are_readable_by_the_group_and_others(tiny_config, tmp_path, u
     config = validate_config(tiny_config)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    train.build_trainer(config, train.select_device("cpu"), run_dir).train()
+    builder.build_trainer(config, select_device("cpu"), run_dir).train()
     for name in ("checkpoint.pth", "best_model.pth", "metrics.csv", "summary.json"):
         assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o644, name
 

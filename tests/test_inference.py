@@ -1,4 +1,4 @@
-"""Sliding-window, multi-scale and flip inference (utils.predict), checked exactly on fixed models."""
+"""Sliding-window, multi-scale and flip inference (predictor), checked exactly on fixed models."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from base.base_dataset import normalize_batch
+from utils.images import normalize_batch
 from models.unet import UNet
 from utils.errors import ConfigError
-from utils.predict import (InferenceSettings, Normalized, Predictor, inference_settings, predict_probs,
+from predictor import (InferenceSettings, Normalized, Predictor, inference_settings, predict_probs,
                            remove_small_clusters, sliding_probs, softmax_probs, tile_starts)
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)

@@ -7,8 +7,8 @@ import torch
 
 from base.base_dataset import BaseDataSet
 from utils.errors import ConfigError
-from utils.losses.class_weights import class_pixel_counts, enet_weights, median_frequency_weights
-from utils.losses.cross_entropy import CrossEntropyLoss, WeightedCrossEntropyLoss
+from models.losses.class_weights import class_pixel_counts, enet_weights, median_frequency_weights
+from models.losses.cross_entropy import CrossEntropyLoss, WeightedCrossEntropyLoss
 from utils.registry import LOSSES
 
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from utils.losses.dice import SoftDiceLoss
-from utils.losses.lovasz import LovaszSoftmaxLoss
+from models.losses.dice import SoftDiceLoss
+from models.losses.lovasz import LovaszSoftmaxLoss
 
 smp_losses = pytest.importorskip("segmentation_models_pytorch.losses")
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-import utils.losses  # noqa: F401  (registers every loss)
+import models.losses  # noqa: F401  (registers every loss)
 from utils.config import LOSS_INJECTED, validate_config
 from utils.errors import ConfigError
 from utils.registry import LOSSES

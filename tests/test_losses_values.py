@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from utils.losses.cross_entropy import CrossEntropyLoss
-from utils.losses.dice import DiceCrossEntropyLoss, SoftDiceLoss
-from utils.losses.focal import FocalLoss
-from utils.losses.lovasz import LovaszSoftmaxLoss
-from utils.losses.ohem import OhemCrossEntropyLoss
-from utils.losses.rmi import RMILoss
+from models.losses.cross_entropy import CrossEntropyLoss
+from models.losses.dice import DiceCrossEntropyLoss, SoftDiceLoss
+from models.losses.focal import FocalLoss
+from models.losses.lovasz import LovaszSoftmaxLoss
+from models.losses.ohem import OhemCrossEntropyLoss
+from models.losses.rmi import RMILoss
 from utils.registry import LOSSES
 
 

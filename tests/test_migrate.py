@@ -1,4 +1,4 @@
-"""Converting configs of the pytorch-segmentation template (python -m utils.migrate)."""
+"""Converting configs of the pytorch-segmentation template (python -m tools.migrate)."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import train
-from utils import migrate
+from tools import migrate
 from utils.checkpoint import load_checkpoint
 from utils.config import import_components, validate_config
 from utils.registry import DATASETS, MODELS
@@ -130,7 +130,7 @@ def test_train_py_recognises_a_template_config(tmp_path, capsys):
     assert train.main(["-c", path]) == 2
     err = capsys.readouterr().err
     assert (f"error: {path} looks like a config of the pytorch-segmentation template; convert it with: "
-            f"python -m utils.migrate {path} -o NEW.json") in err
+            f"python -m tools.migrate {path} -o NEW.json") in err
     assert "loss.type: unknown loss 'CrossEntropyLoss2d'. Did you mean 'CrossEntropyLoss'?" in err
 
 

@@ -13,11 +13,12 @@ from timm.layers import BatchNormAct2d, EvoNorm2dS0
 from torch import nn
 
 import models  # noqa: F401  (registers the models and norms)
+import builder
 import train
 from models.blocks import PPM, SeparableASPP
 from models.norm import _groups, check_training_batches, convert_norm
 from tests.model_cases import CASES, TIMM
-from utils.build import build_model
+from builder import build_model
 from utils.config import load_config, norm_spec, validate_config
 from utils.errors import ConfigError
 from utils.registry import MODELS, NORMS
@@ -156,7 +157,7 @@ def test_timm_batch_norm_with_activation_keeps_its_activation():
     assert isinstance(model[0], nn.Sequential) and isinstance(model[0][0], nn.GroupNorm)
     assert model[0][2] is layer.act
     assert (model(torch.randn(2, 8, 4, 4)) >= 0).all()
-    synced = train.convert_sync_batchnorm(nn.Sequential(BatchNormAct2d(8, act_layer=nn.ReLU)))
+    synced = builder.convert_sync_batchnorm(nn.Sequential(BatchNormAct2d(8, act_layer=nn.ReLU)))
     assert type(synced[0]).__name__ == "SyncBatchNormAct" and isinstance(synced[0].act, nn.ReLU)
 
 
@@ -230,11 +231,11 @@ def test_a_model_trained_with_a_norm_is_rebuilt_from_its_config(tiny_config):
 def test_sync_batch_norm_stays_batch_norm_in_a_single_process(tiny_config):
     for top in ({"norm": "SyncBatchNorm"}, {"use_synch_bn": True}):
         config = validate_config(config_with(copy.deepcopy(tiny_config), **top))
-        assert train.synchronized_batch_norm(config)
+        assert builder.synchronized_batch_norm(config)
         model = build_model(config)
-        assert train.wrap_distributed(model, torch.device("cpu"), True) is model
+        assert builder.wrap_distributed(model, torch.device("cpu"), True) is model
         assert batch_norms(model) and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
-    assert not train.synchronized_batch_norm(validate_config(tiny_config))
+    assert not builder.synchronized_batch_norm(validate_config(tiny_config))
 
 
 # --- the dry forward pass -----------------------------------------------------------------------

@@ -27,7 +27,7 @@ class MyNet(BaseModel):
     def forward(self, x):
         return {"out": self.head(x)}
 ''',
-    "utils/losses/my_loss.py": '''
+    "models/losses/my_loss.py": '''
 from torch import nn
 from utils.registry import LOSSES
 
@@ -37,9 +37,9 @@ class MyLoss(nn.Module):
     def forward(self, logits, target):
         return logits.sum() * 0
 ''',
-    "utils/schedules/my_schedule.py": '''
+    "optim/my_schedule.py": '''
 from utils.registry import SCHEDULERS
-from utils.schedules.iteration import Poly
+from optim.schedules import Poly
 
 @SCHEDULERS.register
 class MyPoly(Poly):

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from utils.build import build_optimizer, build_scheduler
+from builder import build_optimizer, build_scheduler
 from utils.config import validate_config
-from utils.schedules.iteration import Constant, Cosine, OneCycle, Poly, Step
+from optim.schedules import Constant, Cosine, OneCycle, Poly, Step
 from utils.registry import MODELS
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import builder
 import train
 from base.base_trainer import TrainingInterrupted
 from utils.checkpoint import load_checkpoint, save_atomic
@@ -22,7 +23,7 @@ from utils.errors import CheckpointError, ConfigError, TrainingError
 def make_trainer(config: dict, run_dir: Path):
     resolved = validate_config(config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return train.build_trainer(resolved, torch.device("cpu"), run_dir)
+    return builder.build_trainer(resolved, torch.device("cpu"), run_dir)
 
 
 class LossHook(nn.Module):
@@ -305,6 +306,6 @@ def test_single_image_batch_in_a_batch_norm_pooling_model_is_explained(tiny_conf
     with pytest.raises(ConfigError, match="batch_size 1 makes DeepLabV3Plus's layer aspp.image_pool.1.1"):
         make_trainer(tiny_config, tmp_path / "run")
     # ... and explained by the trainer where that pass cannot run (a model without meta kernels).
-    monkeypatch.setattr(train, "check_norm_batches", lambda *args: None)
+    monkeypatch.setattr(builder, "check_norm_batches", lambda *args: None)
     with pytest.raises(TrainingError, match="a training batch has a single image"):
         make_trainer(tiny_config, tmp_path / "run").train()

@@ -16,23 +16,20 @@ scores the 19 classes on full-resolution label ids:
 script to floating-point rounding. It takes train ids (predictions and the
 loaders' targets): the script's IoU on label ids is the same, as its void
 rows never count.
-MiniCity uses the same evaluation.
+The evaluator knows no data set: the data set that uses it (Cityscapes,
+MiniCity) passes its class names, label table and instance sizes, see
+``dataloader.cityscapes.Cityscapes.benchmark_evaluator``.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from dataloader.cityscapes import Cityscapes
+from utils.distributed import all_reduce_sum, is_distributed
 
-#: Mean instance size in pixels per class over the training set (the official script's constants).
-AVERAGE_INSTANCE_SIZE = {
-    "person": 3462.4756337644, "rider": 3930.4788056518, "car": 12794.0202738185, "truck": 27855.1264367816,
-    "bus": 35732.1511111111, "train": 67583.7075812274, "motorcycle": 6298.7200839748,
-    "bicycle": 4672.3249222261,
-}
 _INSTANCE_OFFSET = 1000  # instance ids are label id * 1000 + k; smaller values are plain label ids
 
 
@@ -44,25 +41,32 @@ class CityscapesEvaluator:
     """Accumulate the benchmark's IoU and iIoU over full-resolution predictions.
 
     Example:
-        >>> evaluator = CityscapesEvaluator()
+        >>> evaluator = Cityscapes.benchmark_evaluator(ignore_index=255)
         >>> evaluator.update(pred_train_ids, target_train_ids, instance_ids)   # per image
+        >>> evaluator.synchronize(device)   # under torchrun: sum every process's counts
         >>> evaluator.result()["iIoU"]
 
-    Predictions for the evaluation server: :meth:`dataloader.cityscapes.Cityscapes.to_label_ids`.
-
     Args:
+        class_names: the evaluated classes, in train-id order.
+        label_to_train_id: for each label id of the instance maps, its train id; void
+            label ids map to ``len(class_names)``.
+        average_instance_size: mean instance size in pixels of each instance class over
+            the training set (the official script's constants); the other classes have no iIoU.
         ignore_index: the void value of the targets.
     """
 
-    class_names = Cityscapes.class_names
+    #: The key of these scores in results files.
+    name = "cityscapes"
 
-    def __init__(self, ignore_index: int = 255) -> None:
+    def __init__(self, class_names: Sequence[str], label_to_train_id: np.ndarray,
+                 average_instance_size: Mapping[str, float], ignore_index: int = 255) -> None:
+        self.class_names = tuple(class_names)
         n = len(self.class_names)
         self.ignore_index = ignore_index
-        self._lut = Cityscapes.label_lut(ignore_index=n)  # label id -> train id, void -> n
+        self._lut = np.asarray(label_to_train_id, dtype=np.int64)
         self.confusion = np.zeros((n, n), dtype=np.int64)  # rows ground truth, columns prediction
-        self._instance_classes = np.array([name in AVERAGE_INSTANCE_SIZE for name in self.class_names])
-        self._average_size = np.array([AVERAGE_INSTANCE_SIZE.get(name, 0.0) for name in self.class_names])
+        self._instance_classes = np.array([name in average_instance_size for name in self.class_names])
+        self._average_size = np.array([average_instance_size.get(name, 0.0) for name in self.class_names])
         self.tp_weighted = np.zeros(n, dtype=np.float64)
         self.fn_weighted = np.zeros(n, dtype=np.float64)
         self.has_instances = False
@@ -105,6 +109,21 @@ class CityscapesEvaluator:
         weights = self._average_size[train_ids] / np.maximum(sizes, 1)
         np.add.at(self.tp_weighted, train_ids[evaluated], (hits * weights)[evaluated])
         np.add.at(self.fn_weighted, train_ids[evaluated], ((sizes - hits) * weights)[evaluated])
+
+    def synchronize(self, device: torch.device) -> None:
+        """Sum the counts of every process (a collective under torchrun; nothing with one process).
+
+        Every count is a sum over images, so the shards' sums give the whole split's scores.
+        """
+        if not is_distributed():
+            return
+        n = len(self.class_names)
+        counts = torch.from_numpy(np.concatenate([self.confusion.ravel().astype(np.float64), self.tp_weighted,
+                                                  self.fn_weighted, [float(self.has_instances)]])).to(device)
+        counts = all_reduce_sum(counts).cpu().numpy()
+        self.confusion = counts[:n * n].reshape(n, n).round().astype(np.int64)
+        self.tp_weighted, self.fn_weighted = counts[n * n:n * n + n], counts[n * n + n:n * n + 2 * n]
+        self.has_instances = bool(counts[-1] > 0)
 
     def result(self) -> dict:
         """Scores so far.

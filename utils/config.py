@@ -9,7 +9,6 @@ configuration (defaults filled in), which is what a run saves beside itself.
 from __future__ import annotations
 
 import copy
-import importlib
 import inspect
 import json
 import math
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from utils.errors import ConfigError
-from utils.registry import (DATASETS, LOSSES, MODELS, NORMS, OPTIMIZERS, SCHEDULERS, TRANSFORMS, Check,
+from utils.registry import (DATASETS, LOSSES, MODELS, NORMS, OPTIMIZERS, REGISTRIES, SCHEDULERS, TRANSFORMS, Check,
                             describe_type, did_you_mean, normalize_spec, type_matches)
 
 _REQUIRED = object()
@@ -384,7 +383,7 @@ def validate_config(config: dict) -> dict:
     attempt("lr_scheduler", lambda: SCHEDULERS.validate(config.get("lr_scheduler", "Poly"), "lr_scheduler",
                                                                SCHEDULER_INJECTED))
     attempt("trainer", lambda: _validate_trainer(config.get("trainer", {})))
-    if config.get("inference") is not None:  # range checks: utils.predict.inference_settings
+    if config.get("inference") is not None:  # range checks: predictor.inference_settings
         attempt("inference", lambda: _check_keys(config["inference"], INFERENCE_KEYS, "inference"))
     if not errors:
         errors += _check_derived(resolved)
@@ -398,7 +397,7 @@ def _check_norm(value: Any, path: str) -> None:
         NORMS.build(value, path)  # a light object: its values are checked too
 
 
-#: ``norm`` is accepted in every model's args; :func:`utils.build.build_model` applies it.
+#: ``norm`` is accepted in every model's args; :func:`builder.build_model` applies it.
 ARCH_EXTRA = {"norm": inspect.Parameter("norm", inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=typing.Annotated[str | dict | None, Check(_check_norm)])}
 
@@ -487,10 +486,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
 
 
 #: The packages whose modules register components; each imports all of its modules.
-COMPONENT_PACKAGES = ("models", "dataloader", "utils.losses", "utils.schedules", "utils.optimizers")
-
-
 def import_components() -> None:
-    """Import the packages that register models, data sets, losses, optimizers and schedules."""
-    for package in COMPONENT_PACKAGES:
-        importlib.import_module(package)
+    """Register every model, data set, loss, optimizer and schedule (each registry imports its packages)."""
+    for registry in REGISTRIES:
+        registry.populate()

@@ -6,9 +6,12 @@ unconditionally.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.distributed as dist
+
+from utils.errors import ConfigError
 
 
 def is_distributed() -> bool:
@@ -61,3 +64,20 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
     if is_distributed():
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def select_device(name: str | None) -> torch.device:
+    """``cuda`` when available unless ``name`` says otherwise; under torchrun, the local GPU."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise ConfigError(f"--device {name}: expected cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if launched_by_torchrun():
+            if name != "cuda":
+                raise ConfigError(f"--device {name}: under torchrun each process takes the GPU of its "
+                                  "LOCAL_RANK; use --device cuda")
+            name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return torch.device(name)

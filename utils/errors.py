@@ -1,9 +1,17 @@
 """Exceptions that speak to the user.
 
-Everything raised for bad input derives from :class:`UserError`; the command
-line entry points print such errors as one or two lines (no traceback) and exit
-non-zero. Programming errors keep their tracebacks.
+Everything raised for bad input derives from :class:`UserError`; every command
+line entry point runs its body through :func:`run_command`, which prints such an
+error as one or two ``error: ...`` lines (no traceback) and exits with code 2.
+Programming errors keep their tracebacks.
 """
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -35,3 +43,21 @@ def user_message(exc: UserError) -> str:
     # Original Traceback ...: <type>: <message>"; keep the message.
     last = [line for line in message.splitlines() if line.strip()][-1]
     return last.split(": ", 1)[1] if last.startswith(f"{type(exc).__module__}.{type(exc).__name__}: ") else last
+
+
+def run_command(body: Callable[..., int], *args: T, prefix: Callable[[], str] | None = None) -> int:
+    """``body(*args)``'s exit code; a :class:`UserError` becomes ``error: ...`` on stderr and exit code 2.
+
+    The one error tail of every command (``train.py``, ``inference.py``, ``tools/``)::
+
+        def main(argv: list[str] | None = None) -> int:
+            return run_command(run, parse_args(argv))
+
+    ``prefix`` is asked when the error is printed (``train.py`` names the rank of a
+    distributed run). Other exceptions, ``SystemExit`` of argparse included, pass through.
+    """
+    try:
+        return body(*args)
+    except UserError as exc:
+        print(f"{prefix() if prefix is not None else ''}error: {user_message(exc)}", file=sys.stderr)
+        return 2

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from utils.errors import ConfigError
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
@@ -62,3 +64,11 @@ def write_json(data, path: str | Path) -> None:
     with atomic_write(path) as handle:
         json.dump(data, handle, indent=2)
         handle.write("\n")
+
+
+def make_dir(path: Path, option: str) -> None:
+    """Create a folder (and its parents); a path that cannot be one is a user error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot create the folder ({exc.strerror})") from exc

@@ -92,9 +92,9 @@ def plot_learning_curves(history: list[dict], path: Path) -> None:
     """``learning_curves.png``: losses, and the validation metrics, against the epoch."""
     if not distributed.is_main_process() or not history:
         return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from utils.plots import pyplot
+
+    plt = pyplot()
 
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
     _plot_series(ax_loss, history, {"train_loss": "train loss", "val_loss": "validation loss"}, "loss")

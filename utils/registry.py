@@ -150,16 +150,30 @@ def normalize_spec(spec: Any, path: str) -> dict:
 class Registry:
     """Maps names to constructors (classes or functions) of one kind.
 
+    A registry lives on the ground floor and knows its components only by the
+    name of the package that fills it (``locations``, as in mmsegmentation): the
+    first lookup imports those packages, whose modules register themselves. So
+    ``utils/`` never imports the floors above it, and a component is one new file.
+
     Example:
-        >>> LOSSES = Registry("loss")
+        >>> LOSSES = Registry("loss", locations=("models.losses",))
         >>> @LOSSES.register
         ... class CrossEntropyLoss(nn.Module): ...
         >>> loss = LOSSES.build({"type": "CrossEntropyLoss", "args": {}}, "loss", ignore_index=255)
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, locations: Sequence[str] = ()) -> None:
         self.kind = kind
+        self.locations = tuple(locations)
         self._items: dict[str, Callable] = {}
+        self._populated = not self.locations
+
+    def populate(self) -> None:
+        """Import the packages named in ``locations`` (once), so that every component is registered."""
+        if not self._populated:
+            self._populated = True  # set first: the packages' modules call register() while importing
+            for package in self.locations:
+                importlib.import_module(package)
 
     def register(self, obj: Callable | None = None, *, name: str | None = None):
         """Register ``obj`` under ``name`` (default: its ``__name__``); usable as a decorator."""
@@ -172,13 +186,16 @@ class Registry:
         return add(obj) if obj is not None else add
 
     def names(self) -> list[str]:
+        self.populate()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
+        self.populate()
         return name in self._items
 
     def get(self, name: str, path: str = "type") -> Callable:
         """The constructor registered as ``name``; a ConfigError listing the choices if none."""
+        self.populate()
         if name not in self._items:
             raise ConfigError(f"{path}: unknown {self.kind} '{name}'.{did_you_mean(name, self._items)} "
                               f"Available: {', '.join(self.names())}")
@@ -266,11 +283,13 @@ def import_submodules(package: str) -> None:
         importlib.import_module(info.name)
 
 
-MODELS = Registry("model")
-BACKBONES = Registry("backbone")
-DATASETS = Registry("dataset")
-TRANSFORMS = Registry("transform")
-LOSSES = Registry("loss")
-OPTIMIZERS = Registry("optimizer")
-SCHEDULERS = Registry("lr scheduler")
-NORMS = Registry("norm layer")
+MODELS = Registry("model", locations=("models",))
+BACKBONES = Registry("backbone", locations=("models",))
+DATASETS = Registry("dataset", locations=("dataloader",))
+TRANSFORMS = Registry("transform", locations=("dataloader",))
+LOSSES = Registry("loss", locations=("models.losses",))
+OPTIMIZERS = Registry("optimizer", locations=("optim",))
+SCHEDULERS = Registry("lr scheduler", locations=("optim",))
+NORMS = Registry("norm layer", locations=("models",))
+#: Every registry, for code that needs all components registered (the config reference).
+REGISTRIES = (MODELS, BACKBONES, DATASETS, TRANSFORMS, LOSSES, OPTIMIZERS, SCHEDULERS, NORMS)

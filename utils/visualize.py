@@ -62,9 +62,9 @@ def save_confusion_plot(confusion: np.ndarray, class_names: Sequence[str], path:
     Cell ``(i, j)`` is the fraction of class ``i``'s pixels predicted as ``j``, so
     the diagonal is each class's accuracy; classes without ground truth are blank.
     """
-    import matplotlib
-    matplotlib.use("Agg")  # files only; no display needed
-    from matplotlib import pyplot as plt
+    from utils.plots import pyplot
+
+    plt = pyplot()
 
     counts = np.asarray(confusion, dtype=np.float64)
     totals = counts.sum(axis=1, keepdims=True)

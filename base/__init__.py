@@ -1,0 +1,1 @@
+"""Abstract classes: BaseModel, BaseDataSet, BaseDataLoader and BaseTrainer (with its TrainerSettings)."""
