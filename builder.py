@@ -54,7 +54,8 @@ def dataset_meta(config: dict, normalization: tuple[Sequence[float], Sequence[fl
     return {"arch": config["arch"]["type"], "dataset": config["train_loader"]["type"],
             "num_classes": info.num_classes, "class_names": list(info.class_names),
             "palette": [list(c) for c in info.palette], "mean": list(mean), "std": list(std),
-            "ignore_index": config["ignore_index"]}
+            "ignore_index": config["ignore_index"],
+            "label_args": dataset_class(config).label_args(config["train_loader"]["args"])}
 
 
 def input_normalization(config: dict, model: nn.Module) -> tuple[tuple, tuple, str]:

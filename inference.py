@@ -423,6 +423,17 @@ def run_video(predictor: Predictor, video: Path, out_dir: Path, args: argparse.N
     print(f"Wrote {target}")
 
 
+def label_args(meta: dict) -> dict:
+    """How a model's labels are read when only its ``meta`` is at hand (an exported file).
+
+    Files written before ``label_args`` was saved give their classes and palette, which is
+    what reading index masks needs.
+    """
+    if "label_args" in meta:
+        return meta["label_args"]
+    return {"classes": meta["class_names"], "colors": meta["palette"]}
+
+
 def run(args: argparse.Namespace) -> int:
     """Predict ``args.images``; returns the number of images that could not be read."""
     for option, value in (("--min-cluster", args.min_cluster), ("--worst", args.worst)):
@@ -443,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
     if is_video:
         run_video(predictor, source, out_dir, args)
         return 0
-    dataset_args = config["train_loader"]["args"] if config is not None else {}
+    dataset_args = config["train_loader"]["args"] if config is not None else label_args(predictor.meta)
     return run_images(predictor, images, root, out_dir, args, dataset_args)
 
 

@@ -21,6 +21,7 @@ A *forward* is any callable ``pixels (N, 3, h, w) -> logits (N, K, h, w)``: a
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass

@@ -76,6 +76,9 @@ class BaseDataSet(Dataset):
     mean: ClassVar[tuple[float, float, float]] = (0.485, 0.456, 0.406)
     std: ClassVar[tuple[float, float, float]] = (0.229, 0.224, 0.225)
     label_map: ClassVar[dict[int, int | None] | None] = None
+    #: Channels of the decoded images (every data set decodes 8-bit RGB); a model's ``in_channels``
+    #: must match it, which the config check verifies before anything is built.
+    image_channels: ClassVar[int] = 3
     #: Whether each item carries a third element, the instance map that :meth:`benchmark_evaluator` needs.
     instance_maps: bool = False
 
@@ -110,6 +113,15 @@ class BaseDataSet(Dataset):
     def label_lut(cls, ignore_index: int) -> np.ndarray:
         """A 256-entry lookup table from raw label values to class indices."""
         return make_label_lut(cls.label_map, cls.num_classes(), ignore_index)
+
+    @classmethod
+    def label_args(cls, args: Mapping[str, Any]) -> dict[str, Any]:
+        """The part of the data set's config args that :meth:`label_decoder` needs, as plain JSON.
+
+        Saved in every checkpoint's ``meta`` (and so in exported files), so that a model's labels can
+        be read without its config or data. The benchmarks need none: their label format is fixed.
+        """
+        return {}
 
     @classmethod
     def label_decoder(cls, args: Mapping[str, Any], ignore_index: int) -> Callable[[str | Path], np.ndarray]:

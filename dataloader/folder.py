@@ -119,6 +119,13 @@ class Folder(BaseDataSet):
         return ClassInfo(tuple(classes), tuple(tuple(c) for c in colors), cls.mean, cls.std)
 
     @classmethod
+    def label_args(cls, args: Mapping[str, Any]) -> dict[str, Any]:
+        info = cls.info(args)
+        return {"classes": list(info.class_names), "colors": [list(c) for c in info.palette],
+                "mask_format": args.get("mask_format", "index"),
+                "void_colors": [list(c) for c in args.get("void_colors", ())]}
+
+    @classmethod
     def label_decoder(cls, args: Mapping[str, Any], ignore_index: int):
         info = cls.info(args)
         if args.get("mask_format", "index") == "color":

@@ -554,3 +554,17 @@ def test_inference_report_on_cityscapes_names_has_iiou_and_label_ids(tmp_path):
     assert set(results["cityscapes"]["class_iiou"]) == {"person", "rider", "car", "truck", "bus", "train",
                                                         "motorcycle", "bicycle"}
     assert f"iIoU           {want['iIoU']:.4f}" in (out / "results.txt").read_text()
+
+
+@pytest.mark.parametrize("in_channels", [1, 4])
+def test_in_channels_that_the_data_cannot_give_is_a_config_error_before_anything_is_made(tmp_path, tiny_config,
+                                                                                         capsys, in_channels):
+    # Data sets decode RGB: a 1- or 4-channel model used to pass the checks and die at its first step
+    # with a raw RuntimeError, after the run folder was made.
+    tiny_config["arch"]["args"]["in_channels"] = in_channels
+    run_dir = tmp_path / "run"
+    assert train.main(["-c", write_config(tmp_path, tiny_config), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"arch.args.in_channels: the model takes {in_channels}-channel input" in err
+    assert "set in_channels to 3" in err and "Traceback" not in err
+    assert not run_dir.exists()

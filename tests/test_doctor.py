@@ -156,3 +156,17 @@ def test_main_bad_config_exits_two(tmp_path, capsys):
                                        (b"\x89PNG\r\n\x1a\n....", True), (b"BM....", False)])
 def test_truncation_markers(data, cut):
     assert doctor.truncated(data) is cut
+
+
+def test_main_accepts_set_like_train(tmp_path, tiny_config, capsys):
+    # The config names a folder that does not exist; --set points it at the data, as with train.py.
+    root = camvid_tree(tmp_path / "camvid", bad_value=False)
+    config = camvid_config(tmp_path, tiny_config, tmp_path / "elsewhere")
+    out = tmp_path / "doctor"
+    argv = ["-c", str(config), "-o", str(out), "--no-progress", "--loaders", "train_loader"]
+    assert doctor.main(argv) == 1  # the listing fails: reported, exit 1
+    assert doctor.main([*argv, "--set", f"train_loader.args.data_dir={root}",
+                        "--set", f"val_loader.args.data_dir={root}"]) == 0
+    assert "[train_loader] 2 samples: 0 error(s), 0 warning(s)" in capsys.readouterr().out
+    assert doctor.main([*argv, "--set", "trainer.epochs=x"]) == 2
+    assert "trainer.epochs" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from tools import export
 from builder import build_model, dataset_meta
 from utils.checkpoint import save_atomic
 from utils.config import load_config
+from utils.registry import DATASETS
 from predictor import Normalized
 
 
@@ -238,3 +239,49 @@ def test_tracing_records_the_padding_to_a_multiple():
     assert float(padded[..., 13:, :].abs().sum()) == 0 and float(padded[..., 21:].abs().sum()) == 0
     assert cropped.shape == (1, 3, 13, 21)
     assert torch.equal(pad_to_multiple(torch.ones(1, 1, 16, 16), 8), torch.ones(1, 1, 16, 16))
+
+
+@pytest.mark.parametrize("mask_format", ["index", "color"])
+def test_onnx_of_a_folder_model_scores_labels_without_its_config(tmp_path, mask_format, capsys):
+    # A model trained on one's own folder: inference.py -m model.onnx --labels reads the masks
+    # the way the data set did (classes, colours, mask format saved in the file's meta), with no config.
+    rng = np.random.default_rng(0)
+    colors = [[0, 0, 0], [255, 0, 0], [0, 255, 0]]
+    for folder in ("images", "masks"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / "data" / "images" / f"{i}.png"), rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))
+        mask = rng.integers(0, 3, (32, 48)).astype(np.uint8)
+        if mask_format == "color":
+            rgb = np.asarray(colors, dtype=np.uint8)[mask]
+            cv2.imwrite(str(tmp_path / "data" / "masks" / f"{i}.png"), rgb[..., ::-1].copy())
+        else:
+            cv2.imwrite(str(tmp_path / "data" / "masks" / f"{i}.png"), mask)
+    loader = {"type": "Folder", "args": {"data_dir": str(tmp_path / "data"), "classes": ["bg", "red", "green"],
+                                         "colors": colors, "mask_format": mask_format, "batch_size": 2}}
+    config, checkpoint = make_checkpoint(tmp_path, UNET, train_loader=loader)
+    onnx_file = tmp_path / "folder.onnx"
+    assert export.main(["-c", config, "-m", checkpoint, "-o", str(onnx_file), "--format", "onnx",
+                        "--dynamic"]) == 0
+    out = tmp_path / "out"
+    assert inference.main(["-m", str(onnx_file), "-i", str(tmp_path / "data" / "images"), "-o", str(out),
+                           "--labels", str(tmp_path / "data" / "masks"), "--device", "cpu"]) == 0, \
+        capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_images"] == 2 and len(results["class_iou"]) == 3
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS.names()))
+def test_every_data_set_reads_its_labels_from_the_saved_meta_alone(name, tmp_path):
+    # What inference.py --labels uses for an exported file: the meta's label_args (or, for files
+    # written before they were saved, the class names and palette), never the data set's folders.
+    dataset = DATASETS.get(name)
+    classes = ["a", "b"] if name == "Folder" else list(dataset.class_names)
+    palette = [[0, 0, 0], [255, 255, 255]] if name == "Folder" else [list(c) for c in dataset.palette]
+    meta = {"class_names": classes, "palette": palette}
+    assert callable(dataset.label_decoder(inference.label_args(meta), 255))
+    if name == "Folder":
+        saved = dataset.label_args({"data_dir": str(tmp_path), "classes": classes, "colors": palette,
+                                    "mask_format": "color", "void_colors": [[9, 9, 9]]})
+        assert saved == {"classes": classes, "colors": palette, "mask_format": "color", "void_colors": [[9, 9, 9]]}
+        assert inference.label_args({**meta, "label_args": saved}) is saved

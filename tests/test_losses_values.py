@@ -251,7 +251,7 @@ def rmi_radius_one_by_hand(logits, target, bce_weight, epsilon=5e-4):
         s_pp = sum((v - p_mean) ** 2 for v in p)
         s_yp = sum((a - y_mean) * (b - p_mean) for a, b in zip(y, p))
         rmi += 0.5 * math.log(s_yy - s_yp ** 2 / (s_pp + epsilon) + epsilon)
-    return bce_weight * bce / sum(valid) + (1 - bce_weight) * rmi
+    return bce_weight * bce / (sum(valid) + 1) + (1 - bce_weight) * rmi  # N + 1: the authors' divisor
 
 
 def test_rmi_with_one_pixel_regions_hand_computed():
@@ -305,7 +305,7 @@ def test_rmi_term_matches_a_naive_computation():
     one_hot = np.stack([target.numpy() == c for c in range(3)], axis=1) * valid
     sig = 1 / (1 + np.exp(-logits.numpy()))
     bce_per_entry = -(one_hot * np.log(sig) + (1 - one_hot) * np.log(1 - sig))
-    bce = (bce_per_entry * valid).sum() / valid.sum()
+    bce = (bce_per_entry * valid).sum() / (valid.sum() + 1)  # the authors divide by N + 1
     expected = 0.5 * bce + 0.5 * rmi_term_numpy(one_hot.astype(np.float64), sig * valid + 1e-6, 3, 3)
     loss = RMILoss(radius=3, pool_size=3, pool="avg")(logits, target)
     assert loss.item() == pytest.approx(expected, rel=1e-7)

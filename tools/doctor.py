@@ -225,6 +225,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tools.doctor",
                                      description="Check the configured data sets before training.")
     parser.add_argument("-c", "--config", required=True, help="JSON config whose loaders to check")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value as train.py does, e.g. --set "
+                             "train_loader.args.data_dir=/data (repeatable)")
     parser.add_argument("-o", "--output", help="folder for the report (default: saved/doctor/<name>)")
     parser.add_argument("--loaders", nargs="+", default=["train_loader", "val_loader"],
                         choices=["train_loader", "val_loader"], help="which loaders' splits to check")
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Check the splits that ``args`` names, write the outputs, print the summary; returns the exit code."""
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
     reports = []
     for key in args.loaders:
         if config.get(key) is None:

@@ -432,6 +432,12 @@ def _check_derived(resolved: dict) -> list[str]:
                       "so that the classes agree")
     if not 0 <= resolved["seed"] <= MAX_SEED:
         errors.append(f"seed: must be between 0 and {MAX_SEED}, got {resolved['seed']}")
+    in_channels = resolved["arch"]["args"].get("in_channels", 3)
+    channels = DATASETS.get(train_type).image_channels
+    if in_channels != channels:
+        errors.append(f"arch.args.in_channels: the model takes {in_channels}-channel input, but {train_type} "
+                      f"gives {channels}-channel images (data sets decode images as 8-bit RGB; other channel "
+                      f"counts are not supported yet); set in_channels to {channels}")
     try:  # Folder reads its classes from its args or a classes.json beside the data
         num_classes = DATASETS.get(train_type).info(resolved["train_loader"]["args"]).num_classes
     except ConfigError as exc:

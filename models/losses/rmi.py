@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.losses.common import full_precision, one_hot_valid, safe_divide
+from models.losses.common import full_precision, one_hot_valid
 from utils.registry import LOSSES
 
 # Added to the probabilities so that they are never exactly 0 (the paper's 1e-6).
@@ -59,7 +59,8 @@ class RMILoss(nn.Module):
     computed in float64, the inverse and the log-determinant through Cholesky
     factors of matrices with ``epsilon`` added to their diagonal. The RMI term
     is summed over classes and divided by ``radius^2``, as in the paper's code.
-    The BCE term is summed over classes and averaged over the valid pixels.
+    The BCE term is summed over classes and divided by the number of valid pixels + 1, as in
+    the authors' code (the +1 keeps an all-void batch finite).
     Void pixels count as target 0 and probability 0 in the RMI term (their
     logits are not used) and are left out of the BCE term.
 
@@ -103,7 +104,8 @@ class RMILoss(nn.Module):
             mask = valid.unsqueeze(1).to(logits.dtype)
             bce = F.binary_cross_entropy_with_logits(logits, one_hot, weight=mask.expand_as(logits),
                                                      reduction="sum")
-            bce = safe_divide(bce, valid.sum())
+            # Over the valid pixels + 1, as the reference implementation (and zero when all are void).
+            bce = bce / (valid.sum() + 1)
             probs = logits.sigmoid() * mask + PROB_FLOOR
             return self.bce_weight * bce + (1 - self.bce_weight) * self.rmi_lower_bound(one_hot, probs)
 
