@@ -18,6 +18,11 @@ A *forward* is any callable ``pixels (N, 3, h, w) -> logits (N, K, h, w)``: a
   averaged. ``flip`` adds each prediction of the mirrored image, mirrored back.
   A model with ``forward_scales(x, scales)`` (MS-OCR) combines the scales with
   its learned attention instead of the average (when no tiles are asked for).
+
+The mode alone decides the scales: a model with ``forward_scales`` is run at
+one scale in ``single`` and ``sliding`` mode, and at each of the mode's scales
+in ``multiscale`` mode, whatever scales it evaluates at by itself (MS-OCR's
+``scales`` argument, which validation during training uses).
 """
 from __future__ import annotations
 
@@ -192,10 +197,17 @@ def predict_probs(forward: Forward, x: torch.Tensor, settings: InferenceSettings
         return sliding_probs(forward, pixels, tile, settings.overlap, settings.batch_size)
 
     model = getattr(forward, "model", None)
-    if len(scales) > 1 and tile is None and hasattr(model, "forward_scales"):
-        # MS-OCR: its learned attention combines the scales instead of the average.
-        return _with_flip(lambda p: torch.softmax(model.forward_scales(forward.normalize(p), scales)["out"].float(),
-                                                  dim=1), x, settings.flip)
+    if hasattr(model, "forward_scales"):  # MS-OCR
+        normalized = forward
+        if len(scales) > 1 and tile is None:
+            # Its learned attention combines the scales instead of the average.
+            return _with_flip(lambda p: torch.softmax(
+                model.forward_scales(normalized.normalize(p), scales)["out"].float(), dim=1), x, settings.flip)
+
+        # Every prediction below is of one image (or tile) at one scale: the scales of the model's
+        # own evaluation (arch.args.scales, for validation) are never nested inside the mode's.
+        def forward(pixels: torch.Tensor) -> torch.Tensor:
+            return model.forward_scales(normalized.normalize(pixels), (1.0,))["out"]
     total = None
     for scale in scales:
         pixels = x if scale == 1.0 else F.interpolate(

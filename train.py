@@ -158,6 +158,9 @@ def run(args: argparse.Namespace) -> dict:
         trainer.logger.info(describe_init(config["init_from"], components["init"]))
     trainer.logger.info(f"Training {config['arch']['type']} on {config['train_loader']['type']} "
                         f"({len(trainer.train_loader.dataset)} images) on {device}")
+    if hasattr(model, "forward_scales"):  # a model that combines scales by itself (MS-OCR)
+        trainer.logger.info(f"Validation runs {config['arch']['type']} at scales {list(model.scales)} "
+                            "(arch.args.scales)")
     if getattr(model, "norm_summary", None):
         trainer.logger.info(f"Normalisation layers: {model.norm_summary}")
     # Printed last before training starts (tests/test_stop.py signals the run on this line).

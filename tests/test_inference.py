@@ -197,3 +197,39 @@ def test_msocr_combines_scales_with_its_attention():
                                                                  align_corners=False)),
                               size=(32, 32), mode="bilinear", align_corners=False) + softmax_probs(model, x)) / 2
     assert not torch.allclose(predict_probs(model, x, settings), averaged, atol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode, scales, tile, expected", [
+    ("single", (1.0,), None, [1.0]),
+    ("sliding", (1.0,), (32, 32), [1.0] * 4),         # 48x48 by 32-pixel tiles, overlap 1/3: 2 x 2 tiles
+    ("multiscale", (0.5, 1.0), None, [1.0, 0.5]),     # one pass, the attention combines the scales
+    ("multiscale", (0.5, 1.0), (32, 32), [1.0] + [1.0] * 4),  # 24x24 whole, then 4 tiles, each at one scale
+])
+def test_msocr_runs_the_scales_of_the_mode_only(mode, scales, tile, expected, monkeypatch):
+    # The model evaluates at three scales by itself (arch.args.scales); the inference modes must not
+    # nest those inside their own (single and sliding used to run 0.5, 1 and 2 on every image or tile).
+    from models.msocr import MSOCR
+
+    torch.manual_seed(0)
+    net = MSOCR(3, width=18, scales=(0.5, 1.0, 2.0), mid_channels=8, key_channels=8, attention_channels=8).eval()
+    calls = []
+    at_scale = net.at_scale
+    monkeypatch.setattr(net, "at_scale", lambda x, scale: calls.append(scale) or at_scale(x, scale))
+    settings = InferenceSettings(mode=mode, scales=scales, tile=tile)
+    probs = predict_probs(Normalized(net, MEAN, STD), pixels(1, 48, 48, seed=1), settings)
+    assert probs.shape == (1, 3, 48, 48)
+    assert calls == expected
+
+
+@torch.no_grad()
+def test_msocr_evaluates_at_one_scale_unless_told(monkeypatch):
+    from models.msocr import MSOCR
+
+    net = MSOCR(3, width=18, mid_channels=8, key_channels=8, attention_channels=8).eval()
+    assert net.scales == (1.0,)
+    calls = []
+    at_scale = net.at_scale
+    monkeypatch.setattr(net, "at_scale", lambda x, scale: calls.append(scale) or at_scale(x, scale))
+    net(torch.zeros(1, 3, 32, 32))
+    assert calls == [1.0]
