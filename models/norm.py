@@ -11,6 +11,18 @@ is built (and its pretrained weights loaded), :func:`convert_norm` replaces each
 - ``GroupNorm``, ``InstanceNorm`` and ``EvoNormS0`` are new layers; they take over
   the batch-norm layer's affine weight and bias (so a pretrained or zero-initialised
   scale is kept) and its ``eps``. Running statistics have no counterpart and are dropped.
+  A new layer also keeps what freezing set on the one it replaces: ``requires_grad`` of
+  the weight and bias (its own further parameters, EvoNorm-S0's ``v``, follow the weight)
+  and the train/eval mode, so a frozen backbone (``freeze_backbone``) stays frozen.
+  (``freeze_bn`` is refused with these norms: they have no statistics to freeze.)
+- EvoNorm-S0 is a normalisation and activation in one: only a batch norm that an
+  activation follows becomes a gated layer, any other (a residual block's last norm and
+  shortcut norm, which feed the addition; a linear projection) an ungated one
+  (``apply_act=False``, as in timm and the paper's ResNets). An activation follows a
+  batch norm when it is the next module of its ``Sequential`` (after a ``Sequential``'s
+  last module: the module after that ``Sequential``), when the norm is timm's
+  ``BatchNormAct2d`` with an activation, or when it is a norm but the last of a
+  torchvision or timm ResNet block.
 
 :func:`check_training_batches` is the dry forward pass that runs before training:
 it finds a layer that would normalise a single value per channel (batch norm on
@@ -23,8 +35,10 @@ from collections.abc import Callable
 
 import torch
 from timm.layers import BatchNormAct2d, EvoNorm2dS0
+from timm.models import resnet as timm_resnet
 from torch import nn
 from torch.func import functional_call
+from torchvision.models import resnet as tv_resnet
 
 from utils.errors import ConfigError
 from utils.registry import NORMS
@@ -38,11 +52,12 @@ class Norm:
     #: The layers become SyncBatchNorm under multi-process training.
     synchronized = False
 
-    def layer(self, bn: nn.BatchNorm2d, global_pool: bool) -> nn.Module:
+    def layer(self, bn: nn.BatchNorm2d, global_pool: bool, activated: bool) -> nn.Module:
         """The layer that takes the place of ``bn``.
 
         ``global_pool``: ``bn`` is in a global-pooling branch (an ``AdaptiveAvgPool2d(1)``
-        starts its ``Sequential``), where it normalises a 1x1 map.
+        starts its ``Sequential``), where it normalises a 1x1 map. ``activated``: an
+        activation follows ``bn`` (see :func:`_activated_norms`).
         """
         raise NotImplementedError
 
@@ -113,7 +128,7 @@ class GroupNorm(Norm):
             raise ValueError(f"num_groups must be >= 1, got {num_groups}")
         self.num_groups = num_groups
 
-    def layer(self, bn: nn.BatchNorm2d, global_pool: bool) -> nn.Module:
+    def layer(self, bn: nn.BatchNorm2d, global_pool: bool, activated: bool) -> nn.Module:
         return nn.GroupNorm(_groups(bn.num_features, self.num_groups), bn.num_features, eps=bn.eps,
                             affine=bn.affine)
 
@@ -133,7 +148,7 @@ class InstanceNorm(Norm):
     def __init__(self, affine: bool = True) -> None:
         self.affine = affine
 
-    def layer(self, bn: nn.BatchNorm2d, global_pool: bool) -> nn.Module:
+    def layer(self, bn: nn.BatchNorm2d, global_pool: bool, activated: bool) -> nn.Module:
         if global_pool:
             return nn.GroupNorm(1, bn.num_features, eps=bn.eps, affine=self.affine)
         return nn.InstanceNorm2d(bn.num_features, eps=bn.eps, affine=self.affine)
@@ -145,8 +160,10 @@ class EvoNormS0(Norm):
 
     ``y = x * sigmoid(v * x) / group_std(x) * gamma + beta``: a normalisation and
     activation in one layer, without batch statistics (timm's ``EvoNorm2dS0``).
-    The activations that followed batch norm in the model are kept. Groups as for
-    ``GroupNorm``.
+    The activations that followed batch norm in the model are kept. A batch norm
+    that no activation follows (one that feeds a residual addition) becomes the
+    ungated ``y = x / group_std(x) * gamma + beta`` (``apply_act=False``). Groups as
+    for ``GroupNorm``.
 
     Args:
         groups: groups of channels of the standard deviation (32 in the paper).
@@ -157,8 +174,53 @@ class EvoNormS0(Norm):
             raise ValueError(f"groups must be >= 1, got {groups}")
         self.groups = groups
 
-    def layer(self, bn: nn.BatchNorm2d, global_pool: bool) -> nn.Module:
-        return EvoNorm2dS0(bn.num_features, groups=_groups(bn.num_features, self.groups), eps=bn.eps)
+    def layer(self, bn: nn.BatchNorm2d, global_pool: bool, activated: bool) -> nn.Module:
+        return EvoNorm2dS0(bn.num_features, groups=_groups(bn.num_features, self.groups), eps=bn.eps,
+                           apply_act=activated)
+
+
+#: What counts as an activation after a batch norm (EvoNorm-S0's gate).
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.PReLU, nn.ELU,
+               nn.CELU, nn.SELU, nn.Mish)
+#: Residual blocks whose norms are attributes used in another order than they were registered:
+#: the last one feeds the addition, each other one an activation (torchvision's and timm's ResNet
+#: blocks, timm's HRNet included).
+RESIDUAL_BLOCKS = (tv_resnet.BasicBlock, tv_resnet.Bottleneck, timm_resnet.BasicBlock, timm_resnet.Bottleneck)
+
+
+def _activated_norms(model: nn.Module) -> set[int]:
+    """The ids of the batch-norm layers of ``model`` that an activation follows.
+
+    That is: timm's ``BatchNormAct2d`` with an activation; in a residual block of
+    ``RESIDUAL_BLOCKS``, every norm but the last; anywhere else, a norm whose next
+    sibling module (registration order) is one of ``ACTIVATIONS``, where the last
+    module of a ``Sequential`` has as next sibling the module after that ``Sequential``.
+    Outside ``Sequential`` containers registration order is taken as the order of use
+    (as in ``InitialBlock`` or a ResNet stem: ``conv1``, ``bn1``, ``relu``).
+    """
+    found: set[int] = set()
+
+    def visit(module: nn.Module, after: nn.Module | None) -> None:
+        children = list(module.children())
+        norms = [c for c in children if isinstance(c, nn.BatchNorm2d)]
+        for i, child in enumerate(children):
+            if i + 1 < len(children):
+                following = children[i + 1]
+            else:  # a Sequential's output is its last module's
+                following = after if isinstance(module, nn.Sequential) else None
+            if isinstance(child, BatchNormAct2d):
+                gated = not isinstance(child.act, nn.Identity)
+            elif isinstance(child, nn.BatchNorm2d):
+                gated = child is not norms[-1] if isinstance(module, RESIDUAL_BLOCKS) \
+                    else isinstance(following, ACTIVATIONS)
+            else:
+                visit(child, following)
+                continue
+            if gated:
+                found.add(id(child))
+
+    visit(model, None)
+    return found
 
 
 def _global_pool_norms(model: nn.Module) -> set[int]:
@@ -175,9 +237,9 @@ def _global_pool_norms(model: nn.Module) -> set[int]:
 def convert_norm(model: nn.Module, norm: Norm) -> str:
     """Replace every ``BatchNorm2d`` of ``model`` (in place) as ``norm`` says; returns a summary for the log.
 
-    The new layer takes over the affine weight and bias of the one it replaces.
-    timm's ``BatchNormAct2d`` (batch norm fused with an activation) becomes the new
-    layer followed by the same dropout and activation.
+    The new layer takes over the affine weight and bias of the one it replaces, their
+    ``requires_grad`` and its train/eval mode. timm's ``BatchNormAct2d`` (batch norm fused
+    with an activation) becomes the new layer followed by the same dropout and activation.
     """
     batchnorms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     if norm.keeps_batchnorm:
@@ -187,15 +249,20 @@ def convert_norm(model: nn.Module, norm: Norm) -> str:
         sync = "; synchronised across processes under torchrun on CUDA" if norm.synchronized else ""
         return f"{norm!r}: {len(batchnorms)} batch-norm layers{sync}"
     pooled = _global_pool_norms(model)
+    activated = _activated_norms(model)
     made: Counter = Counter()
     fewer_groups: Counter = Counter()
 
     def replace(bn: nn.BatchNorm2d) -> nn.Module:
-        new = norm.layer(bn, id(bn) in pooled)
+        new = norm.layer(bn, id(bn) in pooled, id(bn) in activated)
         if bn.affine and getattr(new, "weight", None) is not None:
             with torch.no_grad():
                 new.weight.copy_(bn.weight)
                 new.bias.copy_(bn.bias)
+        # What freezing set on bn (convert_norm runs after the model froze its backbone).
+        for name, param in new.named_parameters(recurse=False):
+            if bn.affine:  # EvoNorm-S0's v, which bn lacks, follows the weight
+                param.requires_grad_(getattr(bn, name if name == "bias" else "weight").requires_grad)
         new.train(bn.training)
         made[type(new).__name__] += 1
         groups = getattr(new, "num_groups", getattr(new, "groups", None))

@@ -19,7 +19,7 @@ from models.blocks import PPM, SeparableASPP
 from models.norm import _groups, check_training_batches, convert_norm
 from tests.model_cases import CASES, TIMM
 from builder import build_model
-from utils.config import load_config, norm_spec, validate_config
+from utils.config import load_config, norm_spec, read_config, validate_config
 from utils.errors import ConfigError
 from utils.registry import MODELS, NORMS
 
@@ -112,8 +112,9 @@ def test_the_new_layer_takes_over_the_scale_shift_and_eps():
 
 
 def test_evonorm_s0_computes_the_papers_formula():
-    """y = x * sigmoid(v x) / sqrt(var over the group of channels and the map + eps) * gamma + beta."""
-    model = nn.Sequential(nn.BatchNorm2d(4))
+    """y = x * sigmoid(v x) / sqrt(var over the group of channels and the map + eps) * gamma + beta
+    (gated: an activation follows the batch norm)."""
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU())
     convert_norm(model, norm({"type": "EvoNormS0", "args": {"groups": 2}}))
     layer = model[0]
     with torch.no_grad():
@@ -320,13 +321,13 @@ def flatten(node, prefix=""):
 def test_minicity_comparisons_change_one_key_of_the_baseline():
     names = {p.stem.removeprefix("minicity_deeplabv3_"): p for p in MINICITY}
     assert set(names) == {"baseline", "weighted_ce", "focal", "instancenorm", "groupnorm", "evonorm"}
-    base = flatten(json.loads(names.pop("baseline").read_text()))
+    base = flatten(read_config(names.pop("baseline")))  # bases merged (configs/_base_/)
     assert base["loss"] == "CrossEntropyLoss" and base["norm"] == "BatchNorm"
     expected = {"weighted_ce": ("loss.type", "WeightedCrossEntropyLoss"), "focal": ("loss.type", "FocalLoss"),
                 "instancenorm": ("norm", "InstanceNorm"), "groupnorm": ("norm", "GroupNorm"),
                 "evonorm": ("norm", "EvoNormS0")}
     for name, path in names.items():
-        variant = flatten(json.loads(path.read_text()))
+        variant = flatten(read_config(path))
         changed = {k for k in base.keys() | variant.keys() if base.get(k) != variant.get(k)} - {"name"}
         root = {k.split(".")[0] for k in changed}
         assert root == {expected[name][0].split(".")[0]}, (name, changed)
@@ -361,3 +362,93 @@ def test_each_minicity_comparison_trains_on_a_minicity_tree(tmp_path):
         assert train.main(argv + [a for o in overrides for a in ("--set", o)]) == 0, path.name
         history = torch.load(run / "checkpoint.pth", weights_only=True)["history"]
         assert len(history) == 1 and math.isfinite(history[0]["train_loss"]), path.name
+
+
+# --- freeze_backbone and the replaced layers (issue 16) ---------------------------------------------
+
+@pytest.mark.parametrize("name", REPLACING)
+def test_freeze_backbone_keeps_the_replaced_norms_of_the_encoder_fixed(name, tiny_config, tmp_path, monkeypatch):
+    """The norm is swapped after the model froze its encoder: the new layers keep the trainability and
+    the mode of the batch norm they replace, so two epochs change no tensor of the encoder."""
+    tiny_config["arch"] = {"type": "UNet", "args": {"backbone": "resnet18", "pretrained": False,
+                                                    "decoder_channels": [16, 16, 8, 8, 8], "freeze_backbone": True}}
+    tiny_config["norm"] = name
+    # 64x64: the stride-32 map is 2x2 (instance norm cannot normalise a 1x1 map).
+    tiny_config["train_loader"]["args"].update(num_samples=12, image_size=64)
+    tiny_config["train_loader"]["args"]["transforms"][1]["args"]["size"] = 64
+    tiny_config["val_loader"]["args"].update(num_samples=4, image_size=64)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_config))
+    initial = {}
+    build = train.build_trainer
+
+    def keep(*args, **kwargs):  # the weights before training
+        trainer = build(*args, **kwargs)
+        initial.update({k: v.clone() for k, v in trainer.unwrapped_model.state_dict().items()})
+        return trainer
+
+    monkeypatch.setattr(train, "build_trainer", keep)
+    assert train.main(["-c", str(path), "--run-dir", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    trained = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["model"]
+    encoder = [k for k in initial if k.startswith("backbone.")]
+    new_layers = [k for k in encoder if k.endswith("bn1.weight")]
+    assert encoder and new_layers and set(trained) == set(initial)
+    assert [k for k in encoder if not torch.equal(trained[k], initial[k])] == []
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial if not k.startswith("backbone."))
+
+
+def test_the_replaced_layer_keeps_requires_grad_and_the_mode_of_the_batch_norm():
+    for name in REPLACING:
+        frozen, trained, half = nn.BatchNorm2d(8), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        frozen.requires_grad_(False), frozen.eval()
+        half.bias.requires_grad_(False)
+        model = nn.Sequential(frozen, nn.ReLU(), trained, nn.ReLU(), half, nn.ReLU())
+        convert_norm(model, norm(name))
+        assert not any(p.requires_grad for p in model[0].parameters()) and not model[0].training, name
+        assert all(p.requires_grad for p in model[2].parameters()) and model[2].training, name
+        assert model[4].weight.requires_grad and not model[4].bias.requires_grad, name
+    model = MODELS.build({"type": "DeepLabV3", "args": {"backbone": "resnet18", "freeze_backbone": True}}, "arch",
+                         num_classes=3)
+    convert_norm(model, norm("EvoNormS0"))
+    model.train()
+    layers = [m for m in model.backbone.modules() if isinstance(m, EvoNorm2dS0)]
+    assert len(layers) == 20 and not any(m.training for m in layers)
+    assert not any(p.requires_grad for m in layers for p in m.parameters())  # v too
+    assert all(p.requires_grad for m in model.head.modules() if isinstance(m, EvoNorm2dS0) for p in m.parameters())
+
+
+# --- EvoNorm-S0's gate where no activation follows (issue 16) ----------------------------------------
+
+def test_evonorm_s0_gates_only_the_norms_an_activation_follows():
+    """ResNet-50: the norms that feed the residual add (bn3, downsample.1) are plain affine layers."""
+    model = MODELS.build({"type": "DeepLabV3", "args": {"backbone": "resnet50", "pretrained": False}}, "arch",
+                         num_classes=3)
+    convert_norm(model, norm("EvoNormS0"))
+    layers = {name: m for name, m in model.backbone.named_modules() if isinstance(m, EvoNorm2dS0)}
+    blocks = [m for m in model.backbone.modules() if isinstance(m, torchvision.models.resnet.Bottleneck)]
+    assert len(blocks) == 16 and len(layers) == 16 * 3 + 4 + 1
+    by_role = {}
+    for name, layer in layers.items():
+        role = "downsample.1" if name.endswith("downsample.1") else name.split(".")[-1]
+        by_role.setdefault(role, []).append(layer.apply_act)
+    assert {role: (len(gates), sum(gates)) for role, gates in by_role.items()} == {
+        "bn1": (17, 17), "bn2": (16, 16), "bn3": (16, 0), "downsample.1": (4, 0)}  # bn1: the stem's too
+    assert all(layer.v is None for layer in layers.values() if not layer.apply_act)
+    # The head: every norm of DeepLabV3's head and aux head is followed by a ReLU.
+    assert all(m.apply_act for m in model.modules() if isinstance(m, EvoNorm2dS0) and m not in layers.values())
+
+
+def test_evonorm_s0_gate_follows_the_module_structure():
+    """Activation next in its Sequential (or after the Sequential it ends), timm's BatchNormAct2d with an
+    activation: gated; a Sequential's last norm with nothing after it, BatchNormAct2d without one: not."""
+    inner = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+    model = nn.Sequential(inner, nn.PReLU(8), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.Upsample(scale_factor=2),
+                          BatchNormAct2d(8, act_layer=nn.SiLU), BatchNormAct2d(8, apply_act=False),
+                          nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)))
+    convert_norm(model, norm("EvoNormS0"))
+    assert [inner[1].apply_act, model[3].apply_act, model[5][0].apply_act, model[6][0].apply_act,
+            model[7][1].apply_act] == [True, False, True, False, False]
+    basic = torchvision.models.resnet18(weights=None)
+    convert_norm(basic, norm("EvoNormS0"))
+    assert [basic.layer2[0].bn1.apply_act, basic.layer2[0].bn2.apply_act,
+            basic.layer2[0].downsample[1].apply_act] == [True, False, False]
