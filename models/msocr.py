@@ -28,7 +28,7 @@ class MSOCR(BaseModel):
     resolution of the finer of the two (``a * p`` and ``a`` are resized, as in
     the paper's code). Training uses the scales 0.5 and 1.0, as in the paper,
     and returns the combined soft object regions as ``"aux"``; evaluation uses
-    ``scales``; :meth:`forward_scales` takes any list.
+    ``scales`` (one scale unless told); :meth:`forward_scales` takes any list.
 
     The backbone, soft-region (``aux``) and OCR heads are named as in :class:`models.ocr.HRNetOCR`, so
     its weights load into this model (``strict=False``: the attention head is new).
@@ -36,19 +36,21 @@ class MSOCR(BaseModel):
     Args:
         num_classes: output channels (injected by the framework).
         width: 18, 32 or 48 (HRNetV2-W18 / W32 / W48).
-        scales: the input scales of evaluation (the paper's inference uses 0.5, 1.0 and 2.0).
+        scales: the input scales of its evaluation forward pass, which validation during training
+            uses (one scale by default; the paper's inference uses 0.5, 1.0 and 2.0: set them here, or
+            use inference's multiscale mode, which combines its own scales with the attention).
         mid_channels: channels of the OCR pixel representation.
         key_channels: channels of the OCR attention.
         attention_channels: channels of the scale-attention head.
         pretrained: start the backbone from timm's ImageNet weights.
         weights_path: a local timm checkpoint to load instead of timm's cache.
-        freeze_bn: see :meth:`base.base_model.BaseModel.apply_freezing`.
+        freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
 
     Shape:
         ``(N, 3, H, W)`` -> ``{"out": (N, num_classes, H, W)}`` (+ ``"aux"`` in training).
     """
 
-    def __init__(self, num_classes: int, width: HRNetWidth = 48, scales: Sequence[float] = (0.5, 1.0, 2.0),
+    def __init__(self, num_classes: int, width: HRNetWidth = 48, scales: Sequence[float] = (1.0,),
                  mid_channels: int = 512, key_channels: int = 256, attention_channels: int = 256,
                  pretrained: bool = False, weights_path: str | None = None, freeze_bn: bool = False) -> None:
         super().__init__()
