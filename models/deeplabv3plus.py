@@ -23,7 +23,7 @@ class DeepLabV3Plus(EncoderModel):
 
     Args:
         backbone, output_stride, pretrained, weights_path, in_channels, freeze_bn, freeze_backbone:
-            the encoder arguments, see :class:`models.encoder_head.EncoderModel`.
+            the encoder arguments, see ``EncoderModel`` in models/encoder_head.py.
 
     Shape:
         ``(N, in_channels, H, W)`` -> ``{"out": (N, num_classes, H, W)}``.

@@ -27,7 +27,7 @@ class DUCHDC(EncoderModel):
     Args:
         backbone: a ResNet or ResNeXt encoder (HDC sets the rates of its blocks).
         pretrained, weights_path, in_channels, freeze_bn, freeze_backbone: the encoder arguments
-            (its output stride is 8), see :class:`models.encoder_head.EncoderModel`.
+            (at output stride 8), see ``EncoderModel`` in models/encoder_head.py.
         layer3_rates: the dilation rates the blocks of layer3 cycle through.
         layer4_rates: the dilation rates the blocks of layer4 cycle through.
 

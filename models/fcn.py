@@ -19,7 +19,7 @@ class FCN(EncoderHeadModel):
 
     Args:
         backbone, output_stride, pretrained, weights_path, in_channels, aux_head, freeze_bn, freeze_backbone:
-            see :class:`models.encoder_head.EncoderHeadModel`, which also gives the shapes.
+            the encoder and head arguments, see ``EncoderHeadModel`` in models/encoder_head.py.
     """
 
     def make_head(self, encoder: nn.Module) -> FCNHead:

@@ -25,7 +25,7 @@ class FCN8s(EncoderModel):
 
     Args:
         backbone, pretrained, weights_path, in_channels, freeze_bn, freeze_backbone: the encoder
-            arguments (its output stride is 32), see :class:`models.encoder_head.EncoderModel`.
+            arguments (at output stride 32), see ``EncoderModel`` in models/encoder_head.py.
         fc_channels: channels of fc6 and fc7 (4096 in the paper).
 
     Shape:

@@ -39,7 +39,7 @@ class FPN(EncoderModel):
 
     Args:
         backbone, output_stride, pretrained, weights_path, in_channels, freeze_bn, freeze_backbone:
-            the encoder arguments, see :class:`models.encoder_head.EncoderModel`.
+            the encoder arguments, see ``EncoderModel`` in models/encoder_head.py.
         pyramid_channels: channels of the FPN levels.
         segmentation_channels: channels of the semantic branch.
 

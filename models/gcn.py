@@ -60,7 +60,7 @@ class GCN(EncoderModel):
 
     Args:
         backbone, output_stride, pretrained, weights_path, in_channels, freeze_bn, freeze_backbone:
-            the encoder arguments, see :class:`models.encoder_head.EncoderModel`.
+            the encoder arguments, see ``EncoderModel`` in models/encoder_head.py.
         kernel_size: ``k`` of the global convolutions (15 in the paper).
 
     Shape:

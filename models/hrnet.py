@@ -106,7 +106,7 @@ class HRNetV2(BaseModel):
         width: 18, 32 or 48 (HRNetV2-W18 / W32 / W48).
         pretrained: start the backbone from timm's ImageNet weights.
         weights_path: a local timm checkpoint to load instead of timm's cache.
-        freeze_bn: see :meth:`base.base_model.BaseModel.apply_freezing`.
+        freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
 
     Shape:
         ``(N, 3, H, W)`` -> ``{"out": (N, num_classes, H, W)}``.

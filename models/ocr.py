@@ -102,7 +102,7 @@ class HRNetOCR(BaseModel):
         key_channels: channels of the OCR attention.
         pretrained: start the backbone from timm's ImageNet weights.
         weights_path: a local timm checkpoint to load instead of timm's cache.
-        freeze_bn: see :meth:`base.base_model.BaseModel.apply_freezing`.
+        freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
 
     Shape:
         ``(N, 3, H, W)`` -> ``{"out": (N, num_classes, H, W)}`` (+ ``"aux"`` in training).

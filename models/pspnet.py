@@ -20,7 +20,7 @@ class PSPNet(EncoderHeadModel):
     Args:
         bins: output sizes of the pyramid's pooling branches.
         backbone, output_stride, pretrained, weights_path, in_channels, aux_head, freeze_bn, freeze_backbone:
-            see :class:`models.encoder_head.EncoderHeadModel`, which also gives the shapes.
+            the encoder and head arguments, see ``EncoderHeadModel`` in models/encoder_head.py.
     """
 
     def __init__(self, num_classes: int, backbone: EncoderName = "resnet50", output_stride: int = 8,

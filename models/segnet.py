@@ -26,7 +26,7 @@ class SegNet(BaseModel):
         pretrained: start the encoder from torchvision's ImageNet VGG16-BN weights.
         weights_path: a local weights file to load instead of the torch hub cache.
         in_channels: image channels.
-        freeze_bn: see :meth:`base.base_model.BaseModel.apply_freezing`.
+        freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
 
     Shape:
         ``(N, in_channels, H, W)`` -> ``{"out": (N, num_classes, H, W)}``; other sizes than

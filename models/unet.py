@@ -97,8 +97,8 @@ class UNet(BaseModel):
         upsampling: ``"bilinear"`` or ``"transpose"`` (learned), see :class:`UpBlock`.
         output_stride, pretrained, weights_path: the encoder's, see
             ``build_encoder`` in models/backbones.py. Only with ``backbone``.
-        freeze_bn, freeze_backbone: see :meth:`base.base_model.BaseModel.apply_freezing`;
-            ``freeze_backbone`` only with ``backbone``.
+        freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
+        freeze_backbone: fix the encoder's weights (and its batch-norm statistics). Only with ``backbone``.
 
     Shape:
         ``(N, in_channels, H, W)`` -> ``{"out": (N, num_classes, H, W)}``.

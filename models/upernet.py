@@ -21,7 +21,7 @@ class UPerNet(EncoderModel):
 
     Args:
         backbone, output_stride, pretrained, weights_path, in_channels, freeze_bn, freeze_backbone:
-            the encoder arguments, see :class:`models.encoder_head.EncoderModel`.
+            the encoder arguments, see ``EncoderModel`` in models/encoder_head.py.
         channels: channels of the PPM branches, the FPN and the fused map.
         aux_head: add an FCN head on the second-to-last feature (stride 16 stage), output ``aux`` in training.
 
