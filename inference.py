@@ -1,4 +1,4 @@
-"""Segment images, folders, lists and videos with a trained checkpoint or an exported ONNX file.
+"""Segment images, folders, lists and videos with a trained checkpoint or an exported file.
 
     python inference.py -m CHECKPOINT -i INPUT -o OUT_DIR [-c CONFIG] [--labels LABEL_DIR]
                         [--mode single|sliding|multiscale] [--tile H W] [--overlap F]
@@ -18,16 +18,17 @@ With ``--labels`` the folder is scored as a whole into ``results.json``,
 ``results.txt`` and ``confusion_matrix.png``; ``worst/`` shows the images of
 lowest mIoU (image | ground truth | prediction). Mode options may also come from
 an ``inference`` section of the config; flags override it. No training data is
-needed: classes, palette and normalisation come from the checkpoint.
+needed: classes, palette and normalisation come from the checkpoint. ``-m`` also
+takes a file of ``tools.export``: ONNX (``.onnx``), ``torch.export`` (``.pt2``) or
+TorchScript (``.pt``, deprecated). ``python -m tools.evaluate`` writes the same report
+for a config's validation set.
 """
 from __future__ import annotations
 
 import argparse
-import heapq
-import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -35,16 +36,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.images import read_image, read_label
-from utils.errors import ConfigError, DataError, run_command, user_message
+import builder
+from predictor import Prediction, Predictor, Report, add_mode_arguments, mode_flags, remove_small_clusters
 from utils.distributed import select_device
-from utils.files import make_dir, write_json
-from utils.metrics import ConfusionMatrix, segmentation_metrics
-from builder import load_trained, read_run_config
-from predictor import OnnxForward, Normalized, Predictor, inference_settings, \
-    remove_small_clusters
+from utils.errors import ConfigError, DataError, run_command, user_message
+from utils.files import make_dir
+from utils.images import read_image, read_label
 from utils.registry import DATASETS
-from utils.visualize import colorize, overlay, save_confusion_plot, save_palette_png, save_rgb_png
+from utils.visualize import overlay, save_palette_png, save_rgb_png
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp")
 VIDEO_EXTENSIONS = ("mp4", "avi")
@@ -57,21 +56,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Segment images, folders, list files or videos.")
     parser.add_argument("-c", "--config", help="JSON config (default: the one saved in the checkpoint)")
     parser.add_argument("-m", "--model", required=True,
-                        help="checkpoint (best_model.pth, checkpoint.pth) or an exported .onnx file")
+                        help="checkpoint (best_model.pth, checkpoint.pth) or a file of tools.export "
+                             "(.onnx, .pt2, TorchScript .pt)")
     parser.add_argument("-i", "--images", required=True, help="folder, image, list file (.txt) or video")
     parser.add_argument("-o", "--output", required=True, help="folder for the predictions")
     parser.add_argument("-l", "--labels", help="folder of ground-truth labels, same relative paths and stems")
     parser.add_argument("-e", "--extension", help="only images with this extension (default: common image types)")
     parser.add_argument("-d", "--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the prediction in overlays")
-    mode = parser.add_argument_group("mode (override the config's inference section)")
-    mode.add_argument("--mode", choices=("single", "sliding", "multiscale"))
-    mode.add_argument("--tile", type=int, nargs=2, metavar=("H", "W"), help="sliding-window tile size")
-    mode.add_argument("--overlap", type=float, help="fraction of a tile shared with its neighbour (default 1/3)")
-    mode.add_argument("--scales", type=_scales, help="multiscale scales, e.g. 0.5,0.75,1.0,1.25")
-    mode.add_argument("--flip", action="store_true", default=None, help="add mirrored predictions")
-    mode.add_argument("--batch-size", type=int, help="images (tiles in sliding mode) per forward pass")
-    mode.add_argument("--amp", choices=("bf16", "fp16"), help="autocast the model")
+    add_mode_arguments(parser)
     extra = parser.add_argument_group("extra outputs")
     extra.add_argument("--label-ids", action="store_true", help="also write <name>_labelIds.png")
     extra.add_argument("--confidence", action="store_true", help="also write <name>_confidence.png")
@@ -80,13 +73,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="regions smaller than this many pixels take the class around them")
     extra.add_argument("--worst", type=int, default=5, help="with --labels: how many worst images to show")
     return parser.parse_args(argv)
-
-
-def _scales(text: str) -> list[float]:
-    try:
-        return [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.5,1.0,1.5, got {text!r}")
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -169,30 +155,12 @@ def find_label(label_dir: Path, stem: str) -> Path:
 # --- model ----------------------------------------------------------------------------------------
 def load_predictor(config_path: str | None, model_path: str, device: torch.device,
                    args: argparse.Namespace | None = None) -> tuple[Predictor, dict | None]:
-    """The predictor of a checkpoint or ONNX file, with the mode of the config's section and ``args``.
+    """The predictor of a checkpoint or exported file, with the mode of the config's section and ``args``.
 
     Returns:
-        ``(predictor, config)``; ``config`` is None for an ONNX file run without ``-c``.
+        ``(predictor, config)``; ``config`` is None for an exported file run without ``-c``.
     """
-    if Path(model_path).suffix.lower() == ".onnx":
-        forward = OnnxForward(model_path)
-        meta, config, section = forward.meta, None, None
-        if config_path is not None:
-            config, section = read_run_config(config_path, {}, model_path)
-        device = torch.device("cpu")  # onnxruntime takes host arrays
-    else:
-        model, meta, config, section = load_trained(config_path, model_path)
-        forward = Normalized(model, meta["mean"], meta["std"])
-    settings = inference_settings({**(section or {}), **_mode_flags(args)})
-    return Predictor(forward, meta, device, settings), config
-
-
-def _mode_flags(args: argparse.Namespace | None) -> dict:
-    if args is None:
-        return {}
-    flags = {"mode": args.mode, "tile": args.tile, "overlap": args.overlap, "scales": args.scales,
-             "flip": args.flip, "batch_size": args.batch_size, "amp": args.amp}
-    return {key: value for key, value in flags.items() if value is not None}
+    return builder.load_predictor(config_path, model_path, device, mode_flags(args))
 
 
 def label_id_mapper(meta: dict):
@@ -220,10 +188,9 @@ class Writer:
         self.to_label_ids = label_id_mapper(meta) if args.label_ids else None
         self.count = 0
 
-    def write(self, name: Path, image: np.ndarray, probs: torch.Tensor) -> np.ndarray:
+    def write(self, name: Path, image: np.ndarray, prediction: Prediction) -> np.ndarray:
         """Write the outputs of one image; returns its class-index map."""
-        confidence, pred = probs.max(dim=0)
-        pred = remove_small_clusters(pred.numpy().astype(np.uint8), self.args.min_cluster)
+        pred = remove_small_clusters(prediction.labels, self.args.min_cluster)
         base = self.out_dir / name
         base.parent.mkdir(parents=True, exist_ok=True)
         palette = self.meta["palette"]
@@ -234,109 +201,27 @@ class Writer:
             cv2.imwrite(f"{base}_labelIds.png", self.to_label_ids(pred))
             self.count += 1
         if self.args.confidence:
-            cv2.imwrite(f"{base}_confidence.png", (confidence.numpy() * 255).round().astype(np.uint8))
+            cv2.imwrite(f"{base}_confidence.png", (prediction.confidence.numpy() * 255).round().astype(np.uint8))
             self.count += 1
         if self.args.probs:
-            np.save(f"{base}_probs.npy", probs.numpy().astype(np.float16))  # half the size; 3 digits suffice
+            # half the size; 3 digits suffice
+            np.save(f"{base}_probs.npy", prediction.probs.numpy().astype(np.float16))
             self.count += 1
         return pred
 
 
-class Report:
-    """The folder's confusion matrix, and each image's mIoU for the worst-images list."""
+class LabelReader:
+    """Reads a label file into class indices as the model's data set does (colour masks, .mat files...),
+    with its instance map when the data set's benchmark needs one (Cityscapes' ``*_instanceIds.png``)."""
 
-    def __init__(self, meta: dict, label_dir: Path, worst: int, dataset_args: dict) -> None:
-        self.meta = meta
-        self.label_dir = label_dir
-        self.confusion = ConfusionMatrix(meta["num_classes"], meta["ignore_index"])
-        dataset = DATASETS.get(meta["dataset"])
-        # Reads a label file into class indices as the data set does (colour masks, .mat files...).
-        self.decode = dataset.label_decoder(dataset_args, meta["ignore_index"])
-        self.worst = worst
-        self.scores: list[tuple[float, str, str, str]] = []  # (mIoU, image, label, prediction)
-        self.dataset = dataset
-        # The data set's own benchmark (Cityscapes' iIoU needs the *_instanceIds.png beside each label).
-        self.benchmark = dataset.benchmark_evaluator(meta["ignore_index"])
+    def __init__(self, meta: dict, dataset_args: dict, report: Report) -> None:
+        self.dataset = DATASETS.get(meta["dataset"])
+        self.decode = self.dataset.label_decoder(dataset_args, meta["ignore_index"])
+        self.benchmark = report.benchmark is not None
 
-    def label_path(self, image: Path, name: Path) -> Path:
-        return find_label(self.label_dir / name.parent, image.stem)
-
-    def add(self, image: Path, label_path: Path, pred: np.ndarray, prediction_file: Path) -> None:
-        label = self.decode(label_path)
-        if label.shape != pred.shape:
-            raise DataError(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but image {image} "
-                            f"is {pred.shape[1]}x{pred.shape[0]} (width x height)")
-        one = ConfusionMatrix(self.meta["num_classes"], self.meta["ignore_index"])
-        one.update(torch.from_numpy(pred), torch.from_numpy(label))
-        self.confusion.matrix += one.matrix
-        if self.benchmark is not None:
-            instances = self.dataset.instance_map_path(label_path)
-            self.benchmark.update(pred, label, read_label(instances) if instances is not None else None)
-        if not one.matrix.sum():  # nothing labelled: no score to rank
-            return
-        item = (-segmentation_metrics(one.matrix)["mIoU"], str(image), str(label_path), str(prediction_file))
-        # Keep only the `worst` lowest: a bounded heap of negated scores.
-        if len(self.scores) < self.worst:
-            heapq.heappush(self.scores, item)
-        elif self.worst:
-            heapq.heappushpop(self.scores, item)
-
-    def finish(self, out_dir: Path, num_images: int) -> dict:
-        names = self.meta["class_names"]
-        worst = sorted(self.scores, reverse=True)
-        results = {"num_images": num_images, **segmentation_metrics(self.confusion.matrix, names),
-                   "worst_images": [{"image": image, "mIoU": -score} for score, image, _, _ in worst]}
-        if self.benchmark is not None:
-            scores = self.benchmark.result()
-            results[self.benchmark.name] = {"iIoU": _finite(scores["iIoU"]),
-                                     "class_iiou": {k: _finite(v) for k, v in scores["class_iiou"].items()}}
-        write_json(results, out_dir / "results.json")
-        self.text = format_results(results, names, [self.benchmark.name] if self.benchmark is not None else [])
-        (out_dir / "results.txt").write_text(self.text)
-        save_confusion_plot(self.confusion.matrix.numpy(), names, out_dir / "confusion_matrix.png")
-        if worst:
-            (out_dir / "worst").mkdir(exist_ok=True)
-        for rank, (_, image, label, prediction) in enumerate(worst, start=1):
-            pixels = read_image(image)
-            truth = self.decode(label)
-            pred = read_label(prediction)
-            palette, ignore = self.meta["palette"], self.meta["ignore_index"]
-            row = np.concatenate([pixels, colorize(truth, palette, ignore), colorize(pred, palette, ignore)], 1)
-            save_rgb_png(row, out_dir / "worst" / f"{rank:02d}_{Path(image).stem}.png")
-        return results
-
-
-def format_results(results: dict, class_names: list[str], benchmarks: Sequence[str] = ()) -> str:
-    """A plain-text table of the folder's metrics, the data set's benchmark scores (under the
-    keys ``benchmarks``) and its worst images."""
-    lines = [f"images         {results['num_images']}",
-             f"pixel accuracy {results['pixel_acc']:.4f}",
-             f"mean accuracy  {results['mean_acc']:.4f}",
-             f"mIoU           {results['mIoU']:.4f}",
-             f"fwIoU          {results['fwIoU']:.4f}",
-             "", f"{'class':<20}{'IoU':>8}{'accuracy':>10}"]
-    for name, iou, acc in zip(class_names, results["class_iou"], results["class_acc"]):
-        lines.append(f"{name:<20}{_cell(iou):>8}{_cell(acc):>10}")
-    lines.append("(- : no IoU when a class is in neither labels nor predictions, no accuracy when it is not "
-                 "in the labels; such classes are left out of the means)")
-    for benchmark in benchmarks:
-        iiou, scores = results[benchmark]["iIoU"], results[benchmark]
-        lines += ["", f"iIoU           {_cell(iiou)}  ({benchmark} benchmark, instance classes"
-                      f"{'' if iiou is not None else '; needs the instance maps beside the labels'})"]
-        lines += [f"{name:<20}{_cell(v):>8}" for name, v in scores["class_iiou"].items()]
-    if results["worst_images"]:
-        lines += ["", "worst images (mIoU of the image alone; see worst/: image | ground truth | prediction)"]
-        lines += [f"{item['mIoU']:.4f}  {item['image']}" for item in results["worst_images"]]
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _finite(value: float) -> float | None:
-    """JSON has no NaN: a score that does not exist is null."""
-    return None if math.isnan(value) else value
+    def __call__(self, label_path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+        instances = self.dataset.instance_map_path(label_path) if self.benchmark else None
+        return self.decode(label_path), read_label(instances) if instances is not None else None
 
 
 # --- running --------------------------------------------------------------------------------------
@@ -346,15 +231,18 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 
 def run_images(predictor: Predictor, images: list[Path], root: Path, out_dir: Path,
-               args: argparse.Namespace, dataset_args: dict) -> int:
+               args: argparse.Namespace, dataset_args: dict, metrics: dict | None = None) -> int:
     """Predict every image; returns how many could not be read.
 
-    ``dataset_args``: the training data set's config args (how ``Folder`` reads its masks).
+    ``dataset_args``: the training data set's config args (how ``Folder`` reads its masks);
+    ``metrics``: the config's ``metrics`` section (the classes the means cover).
     """
     label_dir = Path(args.labels) if args.labels else None
     names = output_names(images, root)
-    report = Report(predictor.meta, label_dir, args.worst, dataset_args) if label_dir is not None else None
-    labels = {path: report.label_path(path, names[path]) for path in images} if report else {}  # fail early
+    report = Report(predictor.meta, args.worst, metrics) if label_dir is not None else None
+    labels = {path: find_label(label_dir / names[path].parent, path.stem)
+              for path in images} if report else {}  # fail early
+    read_truth = LabelReader(predictor.meta, dataset_args, report) if report else None
     writer = Writer(out_dir, predictor.meta, args)
     failed = []
     with tqdm(total=len(images), desc="inference", unit="img", disable=None) as bar:
@@ -366,14 +254,17 @@ def run_images(predictor: Predictor, images: list[Path], root: Path, out_dir: Pa
                 except DataError as exc:
                     failed.append(path)
                     tqdm.write(f"warning: skipped {user_message(exc)}", file=sys.stderr)
-            for (path, image), probs in zip(loaded, predictor.probabilities([image for _, image in loaded])):
-                pred = writer.write(names[path], image, probs)
+            predictions = predictor.predictions([image for _, image in loaded], confidence=args.confidence,
+                                                probs=args.probs)
+            for (path, image), prediction in zip(loaded, predictions):
+                pred = writer.write(names[path], image, prediction)
                 if report is not None:
-                    report.add(path, labels[path], pred, out_dir / f"{names[path]}.png")
+                    label, instances = read_truth(labels[path])
+                    report.add(str(path), image, label, pred, instances, str(labels[path]))
             bar.update(len(chunk))
     print(f"Wrote {writer.count} files to {out_dir}")
     if report is not None:
-        results = report.finish(out_dir, len(images) - len(failed))
+        report.finish(out_dir)
         print(report.text, end="")
     if failed:
         print(f"error: {len(failed)} of {len(images)} image(s) could not be read and were skipped: "
@@ -404,8 +295,8 @@ def run_video(predictor: Predictor, video: Path, out_dir: Path, args: argparse.N
                     batch.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
                 if not batch:
                     break
-                for image, probs in zip(batch, predictor.probabilities(batch)):
-                    pred = remove_small_clusters(probs.argmax(dim=0).numpy().astype(np.uint8), args.min_cluster)
+                for image, prediction in zip(batch, predictor.predictions(batch)):
+                    pred = remove_small_clusters(prediction.labels, args.min_cluster)
                     if writer is None:
                         writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*FOURCC[_suffix(video)]), fps,
                                                  (image.shape[1], image.shape[0]))
@@ -455,7 +346,8 @@ def run(args: argparse.Namespace) -> int:
         run_video(predictor, source, out_dir, args)
         return 0
     dataset_args = config["train_loader"]["args"] if config is not None else label_args(predictor.meta)
-    return run_images(predictor, images, root, out_dir, args, dataset_args)
+    return run_images(predictor, images, root, out_dir, args, dataset_args,
+                      config.get("metrics") if config is not None else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -233,3 +233,27 @@ def test_msocr_evaluates_at_one_scale_unless_told(monkeypatch):
     monkeypatch.setattr(net, "at_scale", lambda x, scale: calls.append(scale) or at_scale(x, scale))
     net(torch.zeros(1, 3, 32, 32))
     assert calls == [1.0]
+
+
+def test_report_means_follow_the_metrics_section_and_save_the_confusion_matrix(tmp_path):
+    # The same selection as validation during training: "metrics": {"exclude": ["bg"]}.
+    from predictor import Report
+
+    meta = {"class_names": ["bg", "a", "b"], "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
+            "num_classes": 3, "ignore_index": 255, "dataset": "Folder"}
+    label = np.array([[0, 0, 1, 1], [2, 2, 2, 255]], dtype=np.uint8)
+    pred = np.array([[0, 1, 1, 1], [2, 2, 0, 0]], dtype=np.uint8)
+    image = np.zeros((2, 4, 3), dtype=np.uint8)
+    everything, without_bg = Report(meta, worst=1), Report(meta, worst=1, metrics={"exclude": ["bg"]})
+    for report in (everything, without_bg):
+        report.add("x.png", image, label, pred)
+    (tmp_path / "all").mkdir(), (tmp_path / "sel").mkdir()
+    all_classes, selected = everything.finish(tmp_path / "all"), without_bg.finish(tmp_path / "sel")
+    # Confusion rows (truth) x columns (prediction): bg [1, 1, 0], a [0, 2, 0], b [1, 0, 2].
+    assert selected["confusion_matrix"] == {"class_names": ["bg", "a", "b"], "rows": "ground truth",
+                                            "columns": "prediction", "matrix": [[1, 1, 0], [0, 2, 0], [1, 0, 2]]}
+    iou = {"bg": 1 / 4, "a": 2 / 3, "b": 2 / 3}
+    assert all_classes["mIoU"] == pytest.approx(sum(iou.values()) / 3)
+    assert selected["mIoU"] == pytest.approx((iou["a"] + iou["b"]) / 2)
+    assert selected["class_iou"] == all_classes["class_iou"]
+    assert selected["worst_images"][0]["mIoU"] == pytest.approx((iou["a"] + iou["b"]) / 2)

@@ -14,7 +14,8 @@ import json
 import re
 import sys
 
-from utils.config import (DATASET_INJECTED, EMA_KEYS, INFERENCE_KEYS, LOADER_KEYS, LOSS_INJECTED, MODEL_INJECTED,
+from utils.config import (DATASET_INJECTED, EMA_KEYS, INFERENCE_KEYS, LOADER_KEYS, LOSS_INJECTED, METRICS_KEYS,
+                          MLFLOW_KEYS, MODEL_INJECTED, WANDB_KEYS,
                           OPTIMIZER_INJECTED,
                           OPTIMIZER_KEYS, SCHEDULER_INJECTED, TOP_LEVEL, TRAINER_KEYS, TRANSFORM_INJECTED,
                           Key, import_components)
@@ -45,22 +46,42 @@ def _plain_rows(schema: dict[str, Key], prefix: str = "") -> list[tuple[str, str
 
 
 def _arg_docs(target) -> dict[str, str]:
-    """``name: text`` entries of a Google-style ``Args:`` docstring section."""
-    doc = inspect.getdoc(target) or ""
+    """``name: text`` entries of the Google-style ``Args:`` docstring sections of ``target``.
+
+    A class inherits its bases' entries; an entry of its own that points to a base which
+    documents the argument (``see EncoderModel``) gives way to that base's text.
+    """
+    classes = [c for c in reversed(inspect.getmro(target)) if c is not object] if isinstance(target, type) \
+        else [target]
+    docs: dict[str, str] = {}
+    documented_by: dict[str, set[str]] = {}
+    for item in classes:
+        for name, text in _own_arg_docs(item).items():
+            if name in docs and any(re.search(rf"\b{base}\b", text) for base in documented_by[name]):
+                documented_by[name].add(item.__name__)  # a pointer to a base that documents it
+                continue
+            docs[name], documented_by[name] = text, {getattr(item, "__name__", "")}
+    return docs
+
+
+def _own_arg_docs(target) -> dict[str, str]:
+    """``name: text`` entries of the ``Args:`` section of ``target``'s own docstring."""
+    doc = target.__doc__ if isinstance(target, type) else inspect.getdoc(target)
+    doc = inspect.cleandoc(doc or "")
     match = re.search(r"^Args:\n((?:[ \t]+.*\n?|\n)+)", doc, flags=re.M)
     docs: dict[str, str] = {}
     if not match:
         return docs
     current: list[str] = []
     for line in match.group(1).splitlines():
-        entry = re.match(r"^ {4}([\w, ]+):\s*(.*)$", line)
+        entry = re.match(r"^ {4}(\w[\w, ]*):\s*(.*)$", line)
         if entry:
             current = [n.strip() for n in entry.group(1).split(",")]
             for name in current:
                 docs[name] = entry.group(2).strip()
         elif line.strip() and current:
             for name in current:
-                docs[name] += " " + line.strip()
+                docs[name] = (docs[name] + " " + line.strip()).strip()
     return docs
 
 
@@ -102,9 +123,13 @@ def reference_markdown() -> str:
         ("trainer", "object", "`{}`", "See *trainer* below."),
     ])
     lines += ["", "## trainer", ""] + _table(_plain_rows(TRAINER_KEYS, "trainer.")
-                                               + _plain_rows(EMA_KEYS, "trainer.ema."))
+                                               + _plain_rows(EMA_KEYS, "trainer.ema.")
+                                               + _plain_rows(MLFLOW_KEYS, "trainer.mlflow.")
+                                               + _plain_rows(WANDB_KEYS, "trainer.wandb."))
     lines += ["", "## inference (read by inference.py; its flags override it)", ""]
     lines += _table(_plain_rows(INFERENCE_KEYS, "inference."))
+    lines += ["", "## metrics (the classes that the means over classes average)", ""]
+    lines += _table(_plain_rows(METRICS_KEYS, "metrics."))
     lines += ["", "## optimizer", "", "`type` and `args` select an optimizer (below); besides them:", ""]
     lines += _table(_plain_rows(OPTIMIZER_KEYS, "optimizer."))
     lines += ["", "## Loader args", "", "Accepted in `train_loader.args` and `val_loader.args` besides the "
