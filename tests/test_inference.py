@@ -252,7 +252,7 @@ def test_report_means_follow_the_metrics_section_and_save_the_confusion_matrix(t
     # Confusion rows (truth) x columns (prediction): bg [1, 1, 0], a [0, 2, 0], b [1, 0, 2].
     assert selected["confusion_matrix"] == {"class_names": ["bg", "a", "b"], "rows": "ground truth",
                                             "columns": "prediction", "matrix": [[1, 1, 0], [0, 2, 0], [1, 0, 2]]}
-    iou = {"bg": 1 / 4, "a": 2 / 3, "b": 2 / 3}
+    iou = {"bg": 1 / 3, "a": 2 / 3, "b": 2 / 3}  # TP / (TP + FP + FN): bg is 1 / (1 + 1 + 1)
     assert all_classes["mIoU"] == pytest.approx(sum(iou.values()) / 3)
     assert selected["mIoU"] == pytest.approx((iou["a"] + iou["b"]) / 2)
     assert selected["class_iou"] == all_classes["class_iou"]
