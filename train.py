@@ -10,8 +10,12 @@ rank 0 writes the run folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
 import os
 import shlex
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -19,12 +23,14 @@ from pathlib import Path
 import torch
 
 from base.base_trainer import TrainingInterrupted
-from builder import build_components, build_trainer, dataset_info, dataset_meta, gives_fixed_size, input_normalization
-from utils import distributed
+from builder import (build_components, build_trainer, dataset_info, dataset_meta, gives_fixed_size,
+                     input_normalization, trainer_settings)
+from models.losses.class_weights import describe_class_weights
+from utils import distributed, inherit, trackers
 from utils.checkpoint import check_compatible, describe_init, load_checkpoint
 from utils.config import load_config, read_json
 from utils.distributed import select_device
-from utils.errors import ConfigError, run_command
+from utils.errors import CheckpointError, ConfigError, UserError, run_command, user_message
 from utils.files import make_dir, write_json
 from utils.template import looks_like_template
 
@@ -40,6 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="override a config value, e.g. --set trainer.epochs=3 (repeatable)")
     parser.add_argument("--run-dir", help="run folder (default: save_dir/name/<timestamp>/)")
     parser.add_argument("-d", "--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (bases merged, --set applied, defaults filled) and exit")
+    shown.add_argument("--explain", action="store_true",
+                       help="print each value of the resolved config with the file (or --set) it came from, "
+                            "and exit")
     args = parser.parse_args(argv)
     if args.config is None and args.resume is None:
         parser.error("give a config with -c CONFIG (or a checkpoint to resume with --resume)")
@@ -56,13 +68,32 @@ def resolve_config(args: argparse.Namespace, checkpoint: dict | None) -> dict:
         except ConfigError as exc:
             hint = template_hint(args.config)
             raise ConfigError(f"{hint}\n{exc}" if hint else str(exc)) from None
-        if args.init_from is not None:
-            config["init_from"] = args.init_from
+        if args.init_from is not None:  # a command-line path: from the current directory
+            config["init_from"] = str(Path(args.init_from).absolute())
         return config
     saved = checkpoint.get("config")
     if not isinstance(saved, dict):
         raise ConfigError(f"{args.resume}: the checkpoint holds no config; pass one with -c")
     return load_config(None, args.overrides, base=saved)
+
+
+def show_config(args: argparse.Namespace) -> int:
+    """``--print-config`` and ``--explain``: the resolved config, nothing built or written."""
+    checkpoint = load_checkpoint(args.resume) if args.config is None else None
+    config = resolve_config(args, checkpoint)
+    if args.print_config:
+        print(json.dumps(config, indent=2))
+        return 0
+    if args.config is not None:
+        sources = inherit.resolve(args.config, read_json)[1]
+    else:
+        sources = inherit.record_all(checkpoint["config"], f"the config saved in {args.resume}")
+    for assignment in args.overrides:
+        inherit.override(sources, assignment, "--set")
+    if args.init_from is not None:
+        inherit.override(sources, "init_from=", "--init-from")
+    print("\n".join(inherit.explain(config, sources)))
+    return 0
 
 
 def template_hint(path: str) -> str | None:
@@ -77,8 +108,16 @@ def template_hint(path: str) -> str | None:
             f"python -m tools.migrate {shlex.quote(path)} -o NEW.json")
 
 
-def make_run_dir(config: dict, args: argparse.Namespace) -> Path:
-    """``--run-dir``, else the resumed checkpoint's folder, else ``save_dir/name/<timestamp>``."""
+def make_run_dir(config: dict, args: argparse.Namespace, run_dir: Path | None = None) -> Path:
+    """Create ``run_dir`` (default: :func:`choose_run_dir`'s) on the main process; returns it."""
+    run_dir = run_dir if run_dir is not None else choose_run_dir(config, args)
+    if distributed.is_main_process():
+        make_dir(run_dir, "--run-dir" if args.run_dir else "trainer.save_dir")
+    return run_dir
+
+
+def choose_run_dir(config: dict, args: argparse.Namespace) -> Path:
+    """``--run-dir``, else the resumed checkpoint's folder, else ``save_dir/name/<timestamp>`` (not created)."""
     if args.run_dir is not None:
         run_dir = Path(args.run_dir)
     elif args.resume is not None:
@@ -88,9 +127,76 @@ def make_run_dir(config: dict, args: argparse.Namespace) -> Path:
         run_dir, suffix = base, 1
         while run_dir.exists():  # two runs started in the same second
             run_dir, suffix = base.with_name(f"{base.name}-{suffix}"), suffix + 1
-    if distributed.is_main_process():
-        make_dir(run_dir, "--run-dir" if args.run_dir else "trainer.save_dir")
     return run_dir
+
+
+#: What resuming reads besides the weights; ``best_model.pth`` (weights for inference) has none of it.
+TRAINING_STATE = ("optimizer", "lr_scheduler", "epoch", "iteration", "epoch_done", "rng", "history", "partial")
+
+
+def check_resumable(checkpoint: dict, path: str) -> None:
+    """Refuse a checkpoint without training state before anything is built or written."""
+    missing = [key for key in TRAINING_STATE if key not in checkpoint]
+    if not missing:
+        return
+    beside = Path(path).resolve().parent / "checkpoint.pth"
+    hint = f"; resume from {beside}" if beside.is_file() and beside != Path(path).resolve() else ""
+    raise CheckpointError(f"{path}: checkpoint lacks training state ('{missing[0]}'); it can be used for "
+                          f"inference or --init-from but not to resume{hint}")
+
+
+@contextlib.contextmanager
+def undone_on_failure(folders: list[Path]):
+    """Remove what the block creates in ``folders`` (files and folders, a new folder whole) if it raises:
+    a run that cannot start leaves nothing behind, and a refused resume leaves its old run as it was.
+
+    The block may set ``opened["trainer"]``, whose files are closed first.
+    """
+    main = distributed.is_main_process()
+    before = {}
+    for folder in folders if main else ():
+        while not folder.exists() and not folder.parent.exists():  # new parents go too
+            folder = folder.parent
+        before[folder] = set(folder.rglob("*")) if folder.exists() else None
+    opened: dict = {}
+    try:
+        yield opened
+    except BaseException:
+        if main:
+            _close(opened.get("trainer"))
+            for folder, existing in before.items():
+                if existing is None:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    continue
+                for path in sorted(set(folder.rglob("*")) - existing, key=lambda p: len(p.parts), reverse=True):
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+        raise
+
+
+def _close(trainer) -> None:
+    """Close a trainer's TensorBoard writer, loaders and log file."""
+    if trainer is None:
+        return
+    trainer.close()
+    for handler in list(trainer.logger.handlers):
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
+            trainer.logger.removeHandler(handler)
+
+
+def log_failure(logger: logging.Logger, exc: BaseException) -> None:
+    """Write the error that ends a run into its ``train.log`` (the console gets it from :func:`run_command`):
+    the ``error:`` line of a user error, the traceback of any other."""
+    user = isinstance(exc, UserError)
+    message = f"error: {user_message(exc)}" if user else f"error: {type(exc).__name__}: {exc}"
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None,
+                               None if user else (type(exc), exc, exc.__traceback__))
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def finished_message(checkpoint: dict, config: dict, path: str) -> str | None:
@@ -129,10 +235,12 @@ def run(args: argparse.Namespace) -> dict:
     config = resolve_config(args, checkpoint)
     if checkpoint is not None:
         check_compatible(checkpoint, args.resume, config["arch"]["type"], dataset_info(config).num_classes)
+        check_resumable(checkpoint, args.resume)
         message = finished_message(checkpoint, config, args.resume)
         if message is not None:  # nothing is built or written
             return {"run_dir": str(Path(args.resume).resolve().parent), "finished": message}
     check_processes(config, args)
+    trackers.require(config["trainer"]["trackers"])  # before anything is built
     device = select_device(args.device)
     distributed.init_process_group(device)
     components = build_components(config, device, resuming=checkpoint is not None)
@@ -148,16 +256,46 @@ def run(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         # cuDNN times its kernels once per input size: worth it when the size never changes.
         torch.backends.cudnn.benchmark = gives_fixed_size(components["train_loader"].dataset.transforms)
-    run_dir = make_run_dir(config, args)
-    trainer = build_trainer(config, device, run_dir, components, dataset_meta(config, (mean, std)))
-    if distributed.is_main_process():
-        write_json(config, run_dir / "config.json")
-    if checkpoint is not None:
-        trainer.resume(args.resume, checkpoint)
+    run_dir = choose_run_dir(config, args)
+    folders = [run_dir]
+    tensorboard_dir = trainer_settings(config, device, run_dir).tensorboard_dir
+    if tensorboard_dir is not None and not tensorboard_dir.is_relative_to(run_dir):  # trainer.log_dir
+        folders.append(tensorboard_dir)
+    with undone_on_failure(folders) as opened:
+        make_run_dir(config, args, run_dir)
+        trainer = opened["trainer"] = build_trainer(config, device, run_dir, components,
+                                                    dataset_meta(config, (mean, std)),
+                                                    tracker_runs=(checkpoint or {}).get("tracker_runs"))
+        if checkpoint is not None:
+            trainer.resume(args.resume, checkpoint)
+        if distributed.is_main_process():  # after the resume: a refused one leaves the old run's config
+            write_json(config, run_dir / "config.json")
+    try:
+        return start_training(trainer, config, components, model, device, (mean, std, source))
+    except TrainingInterrupted:
+        raise
+    except Exception as exc:  # the console has it from run_command; the run's log gets it too
+        log_failure(trainer.logger, exc)
+        raise
+
+
+def start_training(trainer, config: dict, components: dict, model: torch.nn.Module, device: torch.device,
+                   normalization: tuple) -> dict:
+    """Log what the run trains with, then train."""
+    mean, std, source = normalization
     if components["init"] is not None:
         trainer.logger.info(describe_init(config["init_from"], components["init"]))
     trainer.logger.info(f"Training {config['arch']['type']} on {config['train_loader']['type']} "
                         f"({len(trainer.train_loader.dataset)} images) on {device}")
+    info = dataset_info(config)
+    trainer.logger.info(f"Classes ({info.num_classes}): {', '.join(info.class_names)}"
+                        + (f" ({info.source})" if info.source else ""))
+    for key in ("loss", "aux_loss"):
+        lines, warnings = describe_class_weights(components[key], info.class_names, key)
+        for line in lines:
+            trainer.logger.info(line)
+        for warning in warnings:
+            trainer.logger.warning(warning)
     if hasattr(model, "forward_scales"):  # a model that combines scales by itself (MS-OCR)
         trainer.logger.info(f"Validation runs {config['arch']['type']} at scales {list(model.scales)} "
                             "(arch.args.scales)")
@@ -202,6 +340,8 @@ def _rank_prefix() -> str:
 
 def train_and_report(args: argparse.Namespace) -> int:
     """Train (or resume) and print the outcome; returns the exit code (130 when interrupted)."""
+    if args.print_config or args.explain:
+        return show_config(args)
     try:
         summary = run(args)
     except TrainingInterrupted as exc:

@@ -19,7 +19,7 @@ classes and the ignore value (``uint8`` for every usual data set).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,6 +42,9 @@ class ClassInfo:
     palette: tuple[tuple[int, int, int], ...]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    #: Where the class names come from, for the run's log (``Folder``: the config or a classes.json);
+    #: empty for the benchmarks, whose classes are fixed.
+    source: str = field(default="", compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -81,6 +84,10 @@ class BaseDataSet(Dataset):
     image_channels: ClassVar[int] = 3
     #: Whether each item carries a third element, the instance map that :meth:`benchmark_evaluator` needs.
     instance_maps: bool = False
+    #: ``(height, width)`` when every image of the data set has that one size (CamVid, Cityscapes); None
+    #: when sizes differ or are not known. Batches of validation images need one size
+    #: (:func:`builder.check_batches_of_one_size`).
+    fixed_image_size: ClassVar[tuple[int, int] | None] = None
 
     def __init__(self, split: str, transforms: Sequence[JointTransform] = (),
                  ignore_index: int = 255, seed: int = 0) -> None:

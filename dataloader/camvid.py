@@ -36,6 +36,7 @@ class CamVid(BaseDataSet):
     mean = (0.412, 0.425, 0.433)  # measured over the 367 training images
     std = (0.307, 0.312, 0.307)
     label_map = {**{i: i for i in range(11)}, 11: None}
+    fixed_image_size = (360, 480)  # every image of every split
 
     def __init__(self, data_dir: str, split: Literal["train", "val", "test", "trainval"] = "train",
                  transforms: list[JointTransform] = (), ignore_index: int = 255, seed: int = 0) -> None:

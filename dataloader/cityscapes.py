@@ -63,6 +63,7 @@ class Cityscapes(BaseDataSet):
     std = (0.1870, 0.1902, 0.1872)
     label_map = {**{label_id: None for label_id in range(34)},
                  **{label_id: train_id for train_id, label_id in enumerate(TRAIN_TO_LABEL_ID)}}
+    fixed_image_size = (1024, 2048)  # every image (MiniCity's too)
 
     def __init__(self, data_dir: str,
                  split: Literal["train", "val", "test", "trainval", "train_extra"] = "train",

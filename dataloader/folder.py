@@ -10,9 +10,10 @@ Layout under ``data_dir`` (one such folder per split, or one folder with list fi
 An image and its mask share the stem (``a.jpg`` and ``a.png``). With ``split``
 ``"all"`` every image is used; any other split reads ``<split>.txt``. Class
 names and colours come from the config (``classes``, ``colors``) or from a
-``classes.json`` in ``data_dir`` or its parent. With index masks, the ignore
-value (255) is void; with colour masks, ``void_colors`` are. Any other value or
-colour is an error naming the file and the value.
+``classes.json`` in ``data_dir`` or its parent; when both give them, they must
+agree. With index masks, the ignore value (255) is void; with colour masks,
+``void_colors`` are. Any other value or colour is an error naming the file and
+the value.
 """
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ from utils.registry import DATASETS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LAYOUT = "expected images/ and masks/ with matching file stems (see dataloader/folder.py)"
+# What fixes a mask that does not fit mask_format, appended to the errors.
+INDEX_HINT = ('; if the masks are colour images, set "mask_format": "color" (with "colors", one [r, g, b] '
+              'per class) in the data set\'s args')
+COLOR_HINT = '; if the masks hold class indices, set "mask_format": "index" in the data set\'s args'
+UNKNOWN_COLOR_HINT = ('; give it to a class in "colors" or list it in "void_colors" (not labelled), '
+                      'or, if the masks hold class indices, set "mask_format": "index"')
 
 
 def _classes_file(data_dir: Path) -> Path | None:
@@ -39,6 +46,11 @@ def _classes_file(data_dir: Path) -> Path | None:
         if (folder / "classes.json").is_file():
             return folder / "classes.json"
     return None
+
+
+def _same_colors(first, second) -> bool:
+    return [list(c) if isinstance(c, list | tuple) else c for c in first] == \
+        [list(c) if isinstance(c, list | tuple) else c for c in second]
 
 
 def _read_classes_file(path: Path) -> tuple[list, list | None]:
@@ -84,7 +96,8 @@ class Folder(BaseDataSet):
                  transforms: list[JointTransform] = (), ignore_index: int = 255, seed: int = 0) -> None:
         self.data_dir, self.image_dir, self.mask_dir = Path(data_dir), images, masks
         self.mask_format = mask_format
-        info = self.info({"data_dir": data_dir, "classes": classes, "colors": colors, "mask_format": mask_format})
+        info = self.info({"data_dir": data_dir, "classes": classes, "colors": colors, "mask_format": mask_format,
+                          "void_colors": void_colors})
         # Instance attributes: these classes belong to this data, not to the Folder type.
         self.class_names, self.palette, self.mean, self.std = info.class_names, info.palette, info.mean, info.std
         super().__init__(split, transforms, ignore_index, seed)
@@ -93,16 +106,39 @@ class Folder(BaseDataSet):
 
     @classmethod
     def info(cls, args: Mapping[str, Any]) -> ClassInfo:
+        """The classes of ``args``: the config's ``classes``/``colors`` or a ``classes.json`` beside the data.
+
+        When both exist they must agree (a file that the config silently overrode would be a trap);
+        ``void_colors`` need colour masks.
+        """
         classes, colors = args.get("classes"), args.get("colors")
-        source = "config"
+        if args.get("void_colors") and args.get("mask_format", "index") != "color":
+            raise ConfigError('Folder: void_colors is set, but mask_format is "index": void colours only apply '
+                              'to colour masks (in index masks the ignore value is void); remove void_colors, '
+                              'or set "mask_format": "color" if the masks are colour images')
+        path = _classes_file(Path(args["data_dir"])) if args.get("data_dir") is not None else None
+        source, described = "config", "from the config"
         if classes is None:
-            path = _classes_file(Path(args["data_dir"]))
             if path is None:
                 raise ConfigError(f"Folder: no classes given: set 'classes' (and 'colors') in the config or "
                                   f"write classes.json into {args['data_dir']} or its parent")
             classes, file_colors = _read_classes_file(path)
-            colors = colors if colors is not None else file_colors
-            source = str(path)
+            source, described = str(path), f"from {path}"
+        else:
+            file_classes, file_colors = _read_classes_file(path) if path is not None else (None, None)
+            if file_classes is not None and list(file_classes) != list(classes):
+                raise ConfigError(f"Folder: the config's classes {list(classes)} differ from those of {path} "
+                                  f"{list(file_classes)}; give the classes in one place (remove 'classes' "
+                                  f"from the config to use the file's, or correct one of them)")
+            if path is not None:
+                described = f"from the config; {path} lists the same"
+        if colors is not None and path is not None and file_colors is not None \
+                and not _same_colors(colors, file_colors):
+            raise ConfigError(f"Folder: the config's colors {list(colors)} differ from those of {path} "
+                              f"{list(file_colors)}; give the colours in one place (remove 'colors' from the "
+                              f"config to use the file's, or correct one of them)")
+        if colors is None and path is not None:
+            colors = file_colors
         if not classes or not all(isinstance(name, str) for name in classes):
             raise ConfigError(f"Folder ({source}): classes must be a non-empty list of names")
         if colors is None:
@@ -116,7 +152,7 @@ class Folder(BaseDataSet):
                               f"one per class")
         if len({tuple(c) for c in colors}) != len(colors):
             raise ConfigError(f"Folder ({source}): two classes share a colour")
-        return ClassInfo(tuple(classes), tuple(tuple(c) for c in colors), cls.mean, cls.std)
+        return ClassInfo(tuple(classes), tuple(tuple(c) for c in colors), cls.mean, cls.std, described)
 
     @classmethod
     def label_args(cls, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -127,12 +163,15 @@ class Folder(BaseDataSet):
 
     @classmethod
     def label_decoder(cls, args: Mapping[str, Any], ignore_index: int):
-        info = cls.info(args)
         if args.get("mask_format", "index") == "color":
+            info = cls.info(args)
             colors = _color_table(info, args.get("void_colors", ()), ignore_index)
-            return lambda path: apply_color_map(read_label(path, color=True), colors, str(path))
+            return lambda path: apply_color_map(read_label(path, color=True, hint=COLOR_HINT), colors, str(path),
+                                                UNKNOWN_COLOR_HINT)
+        # Checkpoints of older versions may carry void_colors beside index masks: they never applied.
+        info = cls.info({**args, "void_colors": ()})
         lut = make_label_lut(None, info.num_classes, ignore_index)
-        return lambda path: apply_label_lut(read_label(path), lut, str(path), info.num_classes)
+        return lambda path: apply_label_lut(read_label(path, hint=INDEX_HINT), lut, str(path), info.num_classes)
 
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -166,9 +205,10 @@ class Folder(BaseDataSet):
         return [(images[s], masks[s]) for s in stems]
 
     def load_label(self, index: int) -> np.ndarray:
-        return read_label(self.samples[index][1], color=self.mask_format == "color")
+        color = self.mask_format == "color"
+        return read_label(self.samples[index][1], color=color, hint=COLOR_HINT if color else INDEX_HINT)
 
     def map_label(self, raw: np.ndarray, source: str) -> np.ndarray:
         if self.mask_format == "color":
-            return apply_color_map(raw, self._colors, source)
+            return apply_color_map(raw, self._colors, source, UNKNOWN_COLOR_HINT)
         return apply_label_lut(raw, self._lut, source, self.num_classes())

@@ -8,9 +8,9 @@ from utils.errors import DataError
 
 
 def require_dir(path: Path, dataset: str, layout: str) -> Path:
-    """``path`` if it is a folder; otherwise a DataError naming it and the expected layout."""
+    """``path`` if it is a folder; otherwise a DataError naming it (absolute) and the expected layout."""
     if not path.is_dir():
-        raise DataError(f"{dataset}: folder {path} not found; {layout}")
+        raise DataError(f"{dataset}: folder {path.absolute()} not found; {layout}")
     return path
 
 

@@ -90,6 +90,7 @@ class SyntheticShapes(BaseDataSet):
         if num_samples < 1 or image_size < 16:
             raise ValueError("need num_samples >= 1 and image_size >= 16")
         self.num_samples, self.image_size, self.data_seed = num_samples, image_size, data_seed
+        self.fixed_image_size = (image_size, image_size)  # every image: batches need no resize
         super().__init__(split, transforms, ignore_index, seed)
         # Generated once: a few MB for the default sizes, and faster than drawing every epoch.
         self._data = [make_sample(data_seed, split, i, image_size) for i in range(num_samples)]

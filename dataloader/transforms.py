@@ -10,7 +10,10 @@ Config: ``"transforms": [{"type": "RandomScale", "args": {"min_scale": 0.5}}, ..
 in a loader's ``args``; transforms that fill the label declare ``ignore_index``,
 which the framework injects. A transform that sets the output size says whether
 that size is fixed (``fixed_size``): on CUDA, fixed-size training batches let
-cuDNN pick its fastest kernels once (``torch.backends.cudnn.benchmark``).
+cuDNN pick its fastest kernels once (``torch.backends.cudnn.benchmark``), and
+validation batches of more than one image need one size. A transform whose size
+is not fixed but follows from the input's alone (``Resize`` of the shorter side)
+says ``keeps_one_size``: images of one size still come out at one size.
 
 Mixing transforms (``mixes = True``: :class:`CutMix`, :class:`CopyBlob`) are
 called as ``transform(image, label, rng, other)``, where ``other()`` returns
@@ -62,6 +65,9 @@ class Resize:
         if isinstance(size, int) and size <= 0:
             raise ValueError(f"size must be positive, got {size}")
         self.fixed_size = not isinstance(size, int)
+
+    #: The output size is a function of the input size (no chance): images of one size stay of one size.
+    keeps_one_size = True
 
     def __call__(self, image, label, rng):
         h, w = image.shape[:2]

@@ -122,7 +122,7 @@ def test_train_missing_data_directory(tmp_path, tiny_config, capsys):
     tiny_config["val_loader"] = None
     assert train.main(["-c", write_config(tmp_path, tiny_config)]) == 2
     err = one_line_error(capsys)
-    assert f"CamVid data directory {tmp_path / 'nowhere'} does not exist; expected the SegNet layout" in err
+    assert err == f"error: train_loader.args.data_dir: {tmp_path / 'nowhere'} does not exist"
 
 
 def test_train_bad_override_and_device(tmp_path, tiny_config, capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated
 
 import pytest
@@ -281,3 +282,31 @@ def test_set_reaches_list_elements(tiny_config):
         apply_override(tiny_config, "trainer.epochs[0]=1")
     with pytest.raises(ConfigError, match=r"cannot read 'transforms\[x\]'"):
         apply_override(tiny_config, "train_loader.args.transforms[x].p=1")
+
+
+# --- metrics: which classes the means average ------------------------------------------------------
+
+def test_metrics_section_is_resolved_only_when_given(tiny_config):
+    assert "metrics" not in validate_config(tiny_config)
+    tiny_config["metrics"] = {"exclude": ["background"]}
+    resolved = validate_config(tiny_config)
+    assert resolved["metrics"] == {"exclude": ["background"], "classes": None}
+    assert validate_config(json.loads(json.dumps(resolved))) == resolved
+    tiny_config["metrics"] = {"classes": ["disk", 2]}
+    assert validate_config(tiny_config)["metrics"] == {"exclude": [], "classes": ["disk", 2]}
+
+
+@pytest.mark.parametrize("metrics, message", [
+    ({"exclude": ["backgrund"]}, re.escape("metrics.exclude: 'backgrund' is not a class of SyntheticShapes. Did "
+                                           "you mean 'background'? Classes: background, disk, square, triangle, ring")),
+    ({"classes": [5]}, r"metrics.classes: 5 is not a class index of SyntheticShapes \(0-4\)"),
+    ({"classes": ["disk"], "exclude": ["ring"]}, "metrics: set classes .* or exclude .*, not both"),
+    ({"exclude": [0, 1, 2, 3, "ring"]}, "metrics: no class of SyntheticShapes is left to average over"),
+    ({"exclude": "background"}, "metrics.exclude: expected a list of a string or an integer, got "),
+    ({"exclude": [True]}, "metrics.exclude: expected"),
+    ({"exlude": ["background"]}, "metrics.exlude: unknown key. Did you mean 'exclude'?"),
+])
+def test_metrics_section_names_classes_of_the_data_set(tiny_config, metrics, message):
+    tiny_config["metrics"] = metrics
+    with pytest.raises(ConfigError, match=message):
+        validate_config(tiny_config)

@@ -285,3 +285,93 @@ def test_every_data_set_reads_its_labels_from_the_saved_meta_alone(name, tmp_pat
                                     "mask_format": "color", "void_colors": [[9, 9, 9]]})
         assert saved == {"classes": classes, "colors": palette, "mask_format": "color", "void_colors": [[9, 9, 9]]}
         assert inference.label_args({**meta, "label_args": saved}) is saved
+
+
+def folder_of(tmp_path: Path, *sizes: tuple[int, int]) -> Path:
+    """Images of the given sizes (a camvid crop when the data is there, else noise) in a new folder."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    source = read_image(camvid_image()) if camvid_image() else np.random.default_rng(0).integers(
+        0, 256, (120, 160, 3), dtype=np.uint8)
+    for i, (height, width) in enumerate(sizes):
+        cv2.imwrite(str(folder / f"{i}.png"), cv2.resize(source, (width, height))[..., ::-1])
+    return folder
+
+
+def predictions(tmp_path: Path, model: str, folder: Path, name: str, *extra: str) -> dict[str, np.ndarray]:
+    """``inference.py``'s class maps and probabilities of every image of ``folder``."""
+    out = tmp_path / name
+    assert inference.main(["-m", model, "-i", str(folder), "-o", str(out), "--probs", "--device", "cpu",
+                           *extra]) == 0
+    return {p.stem: (np.asarray(cv2.imread(str(p), cv2.IMREAD_UNCHANGED)),
+                     np.load(out / f"{p.stem}_probs.npy").astype(np.float32))
+            for p in sorted(out.glob("*.png")) if not p.stem.endswith("_overlay")}
+
+
+def test_unet_to_pt2_runs_in_inference_like_the_checkpoint(tmp_path, capsys):
+    # torch.export's program (.pt2), the format PyTorch recommends: free height and width, the classes
+    # in its extra file, run by inference.py -m like the checkpoint.
+    config, checkpoint = make_checkpoint(tmp_path, UNET)
+    out = tmp_path / "unet.pt2"
+    assert export.main(export_args(config, checkpoint, out, "--format", "pt2", "--size", "64", "96",
+                                   "--dynamic", "--input", "uint8")) == 0
+    printed = capsys.readouterr().out
+    assert "at 64x96: max |logit difference|" in printed and "at 96x160" in printed
+    files = {"meta.json": ""}
+    program = torch.export.load(str(out), extra_files=files)
+    meta = json.loads(files["meta.json"])
+    assert meta["input"] == "uint8" and meta["class_names"][:2] == ["background", "disk"]
+    x = torch.randint(0, 256, (2, 3, 40, 56), dtype=torch.uint8)
+    model, meta, _, _ = export.load_trained(config, checkpoint)
+    with torch.no_grad():
+        expected = Normalized(model, meta["mean"], meta["std"])(x.float())
+        assert torch.allclose(program.module()(x), expected, atol=1e-4)
+    folder = folder_of(tmp_path, (60, 90), (48, 64))  # sizes other than the export's
+    exported = predictions(tmp_path, str(out), folder, "pt2_out")
+    reference = predictions(tmp_path, checkpoint, folder, "torch_out")
+    assert sorted(exported) == ["0", "1"]
+    for name, (classes, probs) in exported.items():
+        assert np.array_equal(classes, reference[name][0])
+        assert np.abs(probs - reference[name][1]).max() < 2e-3  # float16 files
+    # Every mode runs the file.
+    sliding = ("--mode", "sliding", "--tile", "32", "48", "--flip")
+    tiles = predictions(tmp_path, str(out), folder, "pt2_tiles", *sliding)
+    reference = predictions(tmp_path, checkpoint, folder, "torch_tiles", *sliding)
+    assert all(np.array_equal(tiles[n][0], reference[n][0]) for n in tiles)
+
+
+def test_fixed_size_pt2_refuses_other_sizes(tmp_path, capsys):
+    config, checkpoint = make_checkpoint(tmp_path, UNET)
+    out = tmp_path / "fixed.pt2"
+    assert export.main(export_args(config, checkpoint, out, "--format", "pt2", "--size", "32", "48")) == 0
+    folder = folder_of(tmp_path, (40, 40))
+    capsys.readouterr()
+    assert inference.main(["-m", str(out), "-i", str(folder), "-o", str(tmp_path / "o")]) == 2
+    assert "the file takes 32x48 images only (exported without --dynamic), got 40x40" in capsys.readouterr().err
+
+
+def test_torchscript_runs_in_inference_with_a_deprecation_note(tmp_path, capsys):
+    config, checkpoint = make_checkpoint(tmp_path, UNET)
+    out = tmp_path / "unet.pt"
+    assert export.main(export_args(config, checkpoint, out, "--format", "torchscript", "--size", "32", "32",
+                                   "--dynamic")) == 0
+    assert "TorchScript (torch.jit.trace/save/load) is deprecated" in capsys.readouterr().err
+    folder = folder_of(tmp_path, (40, 56))
+    with pytest.warns(FutureWarning, match="TorchScript is deprecated in PyTorch; export with --format pt2"):
+        scripted = predictions(tmp_path, str(out), folder, "ts_out")
+    reference = predictions(tmp_path, checkpoint, folder, "torch_out")
+    assert np.array_equal(scripted["0"][0], reference["0"][0])
+
+
+@pytest.mark.parametrize("name, content", [("model.pt", b"not a model at all"),
+                                           ("model.pt2", b"PK\x03\x04 truncated"),
+                                           ("best_model.pth", b"\x80\x02}q\x00")])
+def test_a_file_that_is_no_model_gets_one_line_naming_the_formats(tmp_path, capsys, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    folder = folder_of(tmp_path, (32, 32))
+    assert inference.main(["-m", str(path), "-i", str(folder), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "weights_only" not in err
+    assert err.startswith(f"error: {path}: not a readable checkpoint (corrupt or truncated?) nor an exported model")
+    assert "(.pth)" in err and "(.onnx)" in err and "(.pt2)" in err and "TorchScript (.pt)" in err

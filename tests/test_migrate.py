@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,94 @@ def test_the_converted_pspnet_config_trains_on_cityscapes(tmp_path, capsys):
     assert state["arch"] == "PSPNet" and state["num_classes"] == 19
     assert state["lr_scheduler"]["last_epoch"] == 2  # 4 images in batches of 2
     assert 0 <= state["history"][0]["mIoU"] <= 1
+
+
+# The template's default config.json: PSPNet on VOC, validating every 5 epochs on whole VOC images
+# (variable sizes) resized by their shorter side, 8 a batch.
+TEMPLATE_VOC = {
+    **copy.deepcopy(TEMPLATE_PSPNET),
+    "train_loader": {"type": "VOC", "args": {
+        "data_dir": "data/", "batch_size": 8, "base_size": 400, "crop_size": 380, "augment": True, "shuffle": True,
+        "scale": True, "flip": True, "rotate": True, "blur": False, "split": "train_aug", "num_workers": 8}},
+    "val_loader": {"type": "VOC", "args": {
+        "data_dir": "data/", "batch_size": 8, "crop_size": 480, "val": True, "split": "val", "num_workers": 4}},
+    "trainer": {**TEMPLATE_PSPNET["trainer"], "val_per_epochs": 5},
+}
+
+
+def test_the_template_voc_config_validates_one_image_a_batch(tmp_path, capsys):
+    new_path = tmp_path / "new.json"
+    assert migrate.main([write(tmp_path / "old.json", TEMPLATE_VOC), "-o", str(new_path)]) == 0
+    out = capsys.readouterr().out
+    new = json.loads(new_path.read_text())
+    validate_config(new)
+    assert f"{new_path} is a valid config" in out
+    assert new["val_loader"]["args"]["batch_size"] == 1
+    assert new["val_loader"]["args"]["transforms"] == [{"type": "Resize", "args": {"size": 480}}]
+    assert new["train_loader"]["args"]["batch_size"] == 8  # random crops: one size
+    assert "  val_loader.args.batch_size: 8 -> 1 (validation images are scored whole and PascalVOC's may " \
+           "differ in size: a batch of several could not be stacked)" in out
+    # Cityscapes images all have one size, and so do they resized by their shorter side: the batch stays.
+    assert migrate.migrate(TEMPLATE_PSPNET)[0]["val_loader"]["args"]["batch_size"] == 8
+
+
+def write_voc(root: Path, sizes: dict[str, list[tuple[int, int]]]) -> Path:
+    """A VOC2012 tree of JPEG images (and index labels) of the given (height, width) per split."""
+    rng = np.random.default_rng(0)
+    lists = root / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    for split, shapes in sizes.items():
+        names = [f"{split}_{i}" for i in range(len(shapes))]
+        (lists / f"{split}.txt").write_text("\n".join(names) + "\n")
+        for name, (height, width) in zip(names, shapes):
+            for folder, array in (("JPEGImages", rng.integers(0, 256, (height, width, 3), dtype=np.uint8)),
+                                  ("SegmentationClass", rng.integers(0, 21, (height, width), dtype=np.uint8)),
+                                  ("SegmentationClassAug", rng.integers(0, 21, (height, width), dtype=np.uint8))):
+                (root / folder).mkdir(exist_ok=True)
+                Image.fromarray(array).save(root / folder / f"{name}.{'jpg' if folder == 'JPEGImages' else 'png'}")
+    return root
+
+
+def test_train_refuses_a_val_batch_over_images_of_several_sizes_before_anything_is_created(tmp_path, capsys):
+    data = write_voc(tmp_path / "VOC2012", {"train_aug": [(40, 48)] * 2, "val": [(40, 48), (48, 40), (40, 48)]})
+    new_path = tmp_path / "new.json"
+    assert migrate.main([write(tmp_path / "old.json", TEMPLATE_VOC), "-o", str(new_path)]) == 0
+    saved = tmp_path / "saved"
+    overrides = ["arch.args.pretrained=false", "arch.args.backbone=resnet18", f"train_loader.args.data_dir={data}",
+                 f"val_loader.args.data_dir={data}", "train_loader.args.batch_size=2", "val_loader.args.batch_size=4",
+                 "train_loader.args.num_workers=0", "val_loader.args.num_workers=0", f"trainer.save_dir={saved}"]
+    capsys.readouterr()
+    assert train.main(["-c", str(new_path), "--device", "cpu", *[x for o in overrides for x in ("--set", o)]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: val_loader.args.batch_size: 4 images a batch, but the images differ in size "
+                          f"(40x48 {data / 'JPEGImages' / 'val_0.jpg'}, 48x40 {data / 'JPEGImages' / 'val_1.jpg'}; "
+                          "height x width) and val_loader.args.transforms do not bring them to one; "
+                          "set val_loader.args.batch_size to 1")
+    assert len(err.splitlines()) == 1
+    assert not saved.exists()  # no run folder
+
+
+@pytest.mark.parametrize("transforms, batch_size, refused", [
+    ([{"type": "Resize", "args": {"size": 32}}], 1, None),  # one image a batch: any sizes
+    ([{"type": "Resize", "args": {"size": [32, 32]}}], 4, None),  # one size
+    ([{"type": "Resize", "args": {"size": 32}}], 4, "the images differ in size"),  # shorter side: still several
+    ([{"type": "RandomScale"}, {"type": "RandomCrop", "args": {"size": 24}}], 4, None),
+    ([{"type": "RandomCrop", "args": {"size": 24}}, {"type": "RandomScale"}], 4, "vary by chance (RandomScale)"),
+])
+def test_val_batches_are_checked_when_the_loader_is_built(tmp_path, tiny_config, transforms, batch_size, refused):
+    from builder import build_loader
+    from utils.config import load_config
+    from utils.errors import ConfigError
+
+    data = write_voc(tmp_path / "VOC2012", {"val": [(40, 48), (48, 40)]})
+    tiny_config["val_loader"] = {"type": "PascalVOC", "args": {"data_dir": str(data), "split": "val",
+                                                              "batch_size": batch_size, "transforms": transforms}}
+    tiny_config["train_loader"] = {**tiny_config["val_loader"], "args": {
+        **tiny_config["val_loader"]["args"], "transforms": [{"type": "RandomCrop", "args": {"size": 24}}]}}
+    config = load_config(None, base=tiny_config)
+    if refused is None:
+        assert len(build_loader(config, "val_loader").dataset) == 2
+    else:
+        with pytest.raises(ConfigError, match=f"^val_loader.args.batch_size: {batch_size} images a batch, .*"
+                                              f"{re.escape(refused)}.*set val_loader.args.batch_size to 1"):
+            build_loader(config, "val_loader")

@@ -1,6 +1,6 @@
-"""Export a trained model to ONNX or TorchScript, and check the file against PyTorch.
+"""Export a trained model to ONNX, torch.export (.pt2) or TorchScript, and check the file against PyTorch.
 
-    python -m tools.export -c CONFIG -m CHECKPOINT --format onnx|torchscript [-o OUT]
+    python -m tools.export -c CONFIG -m CHECKPOINT --format onnx|pt2|torchscript [-o OUT]
                            [--size H W] [--dynamic] [--input normalized|uint8|float]
                            [--image IMAGE] [--tolerance 1e-3]
 
@@ -10,11 +10,17 @@ normalises with the mean/std stored in the file), ``uint8`` (0-255 bytes) or
 ``float`` (0-1 floats); the last two embed the normalisation. ``--dynamic`` keeps
 height and width free (the batch is always free); otherwise the file takes
 ``--size`` only. The classes, palette, normalisation and input kind are stored in
-the file (ONNX metadata ``segmentation`` / TorchScript extra file ``meta.json``),
-so ``inference.py -m model.onnx`` needs nothing else.
+the file (ONNX metadata ``segmentation`` / the extra file ``meta.json`` of ``.pt2``
+and TorchScript), so ``inference.py -m FILE`` needs nothing else.
 
-Verification: the exported file is run (onnxruntime for ONNX, ``torch.jit.load``
-for TorchScript) on a real image, the first of the config's validation set
+``pt2`` is the format PyTorch recommends: a ``torch.export`` ExportedProgram
+written with ``torch.export.save`` (``--dynamic``: height and width are
+``torch.export.Dim.AUTO``, and the ranges the model allows are recorded).
+TorchScript (``torch.jit.trace``/``save``) is deprecated in PyTorch and kept for
+files that need it.
+
+Verification: the exported file is run (onnxruntime for ONNX, ``torch.export.load``
+for ``.pt2``, ``torch.jit.load`` for TorchScript) on a real image, the first of the config's validation set
 unless ``--image`` names one, resized to ``--size``, and with ``--dynamic`` also at
 another size; the largest logit difference to PyTorch, relative to the largest
 logit, must stay below ``--tolerance``. onnxruntime is needed for the check only.
@@ -36,9 +42,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from builder import build_dataset, load_trained
-from predictor import META_KEY, InputKind, Normalized
+from predictor import META_FILE, META_KEY, InputKind, Normalized
 from utils.errors import ConfigError, UserError, run_command, user_message
 from utils.images import read_image
+
+
+#: The default suffix of each format's file.
+SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
 
 
 class VerificationError(UserError):
@@ -120,11 +130,32 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, dynamic: b
     onnx.save(graph, str(path))
 
 
+def export_pt2(module: nn.Module, example: torch.Tensor, path: Path, dynamic: bool, meta: dict) -> None:
+    """Export ``module`` with ``torch.export`` and save the program with ``meta`` as the extra file ``meta.json``.
+
+    The batch is always free, and height and width with ``dynamic``
+    (``Dim.AUTO``: torch.export records the range of sizes the model allows).
+    """
+    # A batch of one would be specialised to 1: export with two copies of the example.
+    batch = example.expand(2, *example.shape[1:]).contiguous()
+    dims = {0: torch.export.Dim.AUTO}
+    if dynamic:
+        dims.update({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO})
+    try:
+        with _tracing():
+            program = torch.export.export(module, (batch,), dynamic_shapes=({**dims},))
+    except Exception as exc:  # torch.export raises many error types for what it cannot capture
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--format pt2: torch.export cannot capture this model{' with --dynamic' * dynamic} "
+                          f"({reason}); use {'no --dynamic or ' * dynamic}--format onnx") from None
+    torch.export.save(program, str(path), extra_files={META_FILE: json.dumps(meta)})
+
+
 def export_torchscript(module: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
     """Trace ``module`` and save it with ``meta`` as the extra file ``meta.json``."""
     with _tracing():
         traced = torch.jit.trace(module, example, check_trace=False)
-    torch.jit.save(traced, str(path), _extra_files={"meta.json": json.dumps(meta)})
+        torch.jit.save(traced, str(path), _extra_files={META_FILE: json.dumps(meta)})
 
 
 def run_exported(path: Path, file_format: str, example: torch.Tensor) -> np.ndarray:
@@ -137,7 +168,11 @@ def run_exported(path: Path, file_format: str, example: torch.Tensor) -> np.ndar
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return session.run(None, {session.get_inputs()[0].name: example.numpy()})[0]
     with torch.no_grad():
-        return torch.jit.load(str(path)).eval()(example).numpy()
+        if file_format == "pt2":
+            return torch.export.load(str(path)).module()(example).numpy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated; said once in run()
+            return torch.jit.load(str(path)).eval()(example).numpy()
 
 
 def verify(module: nn.Module, path: Path, file_format: str, image: np.ndarray, meta: dict,
@@ -159,7 +194,7 @@ def verify(module: nn.Module, path: Path, file_format: str, image: np.ndarray, m
             expected = module(example).numpy()
         try:
             got = run_exported(path, file_format, example)
-        except Exception as exc:  # onnxruntime and the TorchScript interpreter raise their own error types
+        except Exception as exc:  # onnxruntime, torch.export and TorchScript raise their own error types
             raise VerificationError(f"{path}: the exported file fails at {height}x{width} "
                                     f"({str(exc).strip().splitlines()[-1][:300]}); a size recorded while "
                                     "tracing does not generalise: export without --dynamic at the size you "
@@ -196,13 +231,15 @@ def export(config_path: str | None, checkpoint_path: str, file_format: str, outp
            tolerance: float) -> list[dict]:
     """Export, then verify; returns the verification checks (see :func:`verify`)."""
     model, meta, config, _ = load_trained(config_path, checkpoint_path)
-    meta = {**meta, "input": input_kind, "dynamic": dynamic}
+    meta = {**meta, "input": input_kind, "dynamic": dynamic, "size": list(size)}
     module = export_module(model, meta, input_kind)
     image, image_name = verification_image(config, image_path)
     example = example_input(cv2.resize(image, (size[1], size[0])), meta, input_kind)
     output.parent.mkdir(parents=True, exist_ok=True)
     if file_format == "onnx":
         export_onnx(module, example, output, dynamic, meta)
+    elif file_format == "pt2":
+        export_pt2(module, example, output, dynamic, meta)
     else:
         export_torchscript(module, example, output, meta)
     # At a second size a shape frozen by tracing shows; +32/+64 keeps the multiples of 32 that some
@@ -218,11 +255,13 @@ def export(config_path: str | None, checkpoint_path: str, file_format: str, outp
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tools.export",
-                                     description="Export a trained model to ONNX or TorchScript and verify it.")
+                                     description="Export a trained model to ONNX, torch.export (.pt2) or "
+                                                 "TorchScript and verify it.")
     parser.add_argument("-c", "--config", help="JSON config (default: the one saved in the checkpoint)")
     parser.add_argument("-m", "--model", required=True, help="checkpoint (best_model.pth or checkpoint.pth)")
-    parser.add_argument("--format", required=True, choices=("onnx", "torchscript"))
-    parser.add_argument("-o", "--output", help="file to write (default: beside the checkpoint, .onnx or .pt)")
+    parser.add_argument("--format", required=True, choices=("onnx", "pt2", "torchscript"),
+                        help="onnx, pt2 (torch.export, what PyTorch recommends) or torchscript (deprecated)")
+    parser.add_argument("-o", "--output", help="file to write (default: beside the checkpoint, .onnx, .pt2 or .pt)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(512, 512),
                         help="example input size (the only size without --dynamic)")
     parser.add_argument("--dynamic", action="store_true", help="free height and width")
@@ -241,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Export and verify as ``args`` says; returns the exit code (1 when verification fails)."""
-    output = Path(args.output) if args.output else Path(args.model).with_suffix(
-        ".onnx" if args.format == "onnx" else ".pt")
+    output = Path(args.output) if args.output else Path(args.model).with_suffix(SUFFIXES[args.format])
+    if args.format == "torchscript":
+        print("note: TorchScript (torch.jit.trace/save/load) is deprecated in PyTorch; --format pt2 writes "
+              "a torch.export program, its successor", file=sys.stderr)
     if min(args.size) < 1:
         raise ConfigError(f"--size {args.size[0]} {args.size[1]}: expected a positive height and width")
     try:

@@ -110,14 +110,42 @@ class Migration:
             self.change(f"{key}.args.data_dir", args["data_dir"], new_dir, "ours points at the VOC2012 folder")
             args["data_dir"] = new_dir
         flags = {flag: args.pop(flag) for flag in TEMPLATE_LOADER_FLAGS if flag in args}
-        if not flags:
+        if flags:
+            transforms = self._val_transforms(key, flags) if flags.get("val") else self._train_transforms(
+                key, flags, old_type)
+            args["transforms"] = transforms
+            names = [t["type"] for t in transforms] or "none"
+            self.changes.append(f"{key}.args: {', '.join(f'{k}={v!r}' for k, v in flags.items())} -> "
+                                f"transforms {names}")
+        if key == "val_loader":
+            self._val_batch(key, new_type, args)
+
+    def _val_batch(self, key: str, dataset: str, args: dict) -> None:
+        """Validation batches of several images need one size; else batch_size 1.
+
+        The template cropped its validation images to one size; ours are scored whole, so a batch
+        can only hold several when the data set's images have one size (``fixed_image_size``) and
+        the transforms keep it, or the transforms give one size (see ``builder.gives_fixed_size``).
+        """
+        from builder import gives_fixed_size
+        from utils.config import LOADER_KEYS
+        from utils.registry import DATASETS, TRANSFORMS
+
+        batch_size = args.get("batch_size", LOADER_KEYS["batch_size"].default)
+        if not isinstance(batch_size, int) or batch_size <= 1:
             return
-        transforms = self._val_transforms(key, flags) if flags.get("val") else self._train_transforms(
-            key, flags, old_type)
-        args["transforms"] = transforms
-        names = [t["type"] for t in transforms] or "none"
-        self.changes.append(f"{key}.args: {', '.join(f'{k}={v!r}' for k, v in flags.items())} -> "
-                            f"transforms {names}")
+        one_size = dataset in DATASETS and DATASETS.get(dataset).fixed_image_size is not None
+        try:
+            transforms = [TRANSFORMS.build(t, f"{key}.args.transforms[{i}]", ignore_index=255)
+                          for i, t in enumerate(args.get("transforms", []))]
+        except (ConfigError, TypeError, ValueError):  # a transform left unmapped: its sizes are not known
+            transforms = None
+        if transforms is not None and gives_fixed_size(transforms, one_size):
+            return
+        args["batch_size"] = 1
+        self.change(f"{key}.args.batch_size", batch_size, 1,
+                    f"validation images are scored whole and {dataset}'s may differ in size: a batch of "
+                    "several could not be stacked")
 
     def _train_transforms(self, key: str, flags: dict, dataset: str) -> list[dict]:
         """The template's ``_augmentation``: resize (scaled), rotate, crop, flip, blur, in that order."""

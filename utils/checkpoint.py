@@ -35,7 +35,7 @@ def load_checkpoint(path: str | Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt, truncated, or not saved "
-                              f"by this framework): {str(exc).splitlines()[0]}") from exc
+                              f"by this framework): {(str(exc).splitlines() or [type(exc).__name__])[0]}") from exc
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a checkpoint of this framework (no 'model' entry)")
     return state

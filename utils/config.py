@@ -12,6 +12,7 @@ import copy
 import inspect
 import json
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from utils.errors import ConfigError
+from utils.inherit import resolve as resolve_bases
 from utils.registry import (DATASETS, LOSSES, MODELS, NORMS, OPTIMIZERS, REGISTRIES, SCHEDULERS, TRANSFORMS, Check,
                             describe_type, did_you_mean, normalize_spec, type_matches)
 
@@ -69,7 +71,8 @@ TOP_LEVEL = {
                                        "(--init-from sets it)."),
     "ignore_index": Key(int, 255, "Label value ignored by losses and metrics; data sets map void to it."),
     "aux_loss_weight": Key(float, 0.4, "Weight of the auxiliary head's loss, for models that have one."),
-    "cache_dir": Key(str, "saved/cache", "Where computed class weights are cached."),
+    "cache_dir": Key(str | None, None, "Where computed class weights are cached; null is "
+                                       "<trainer.save_dir>/cache."),
 }
 
 OPTIMIZER_KEYS = {
@@ -94,12 +97,13 @@ LOADER_KEYS = {
 
 TRAINER_KEYS = {
     "epochs": Key(int, 100, "Number of epochs."),
-    "save_dir": Key(str, "saved/", "Root folder of runs."),
+    "save_dir": Key(str, "saved/", "Root folder of runs (a relative path is read from the project root)."),
     "save_period": Key(int, 1, "Write checkpoint.pth every N epochs (and always at the end or on Ctrl-C)."),
     "monitor": Key(str, "max mIoU", "'max METRIC', 'min METRIC' or 'off'; decides best_model.pth and early stop."),
     "early_stop": Key(int, 0, "Stop after N validations without improvement; 0 disables."),
     "tensorboard": Key(bool, True, "Write TensorBoard logs."),
-    "log_dir": Key(str | None, None, "TensorBoard folder root; default: the run folder's tensorboard/."),
+    "log_dir": Key(str | None, None, "TensorBoard folder root (a relative path is read from the project root); "
+                                     "default: the run folder's tensorboard/."),
     "log_per_iter": Key(int, 20, "Log training loss and lr to TensorBoard every N iterations."),
     "val": Key(bool, True, "Run validation."),
     "val_per_epochs": Key(int, 1, "Validate every N epochs (and after the last)."),
@@ -110,10 +114,35 @@ TRAINER_KEYS = {
                                               "this value; null disables clipping."),
     "ema": Key(dict | None, None, "Exponential moving average of the weights, e.g. {\"decay\": 0.999}: "
                                   "validated beside the model and saved as best_model_ema.pth; null disables."),
+    "trackers": Key(list[str], ["tensorboard"], "Where the run's metrics go: any of 'tensorboard', 'mlflow' and "
+                                                "'wandb' (the last two are optional packages; see "
+                                                "docs/experiments.md); tensorboard false removes 'tensorboard'."),
+    "mlflow": Key(dict | None, None, "MLflow options (trainer.mlflow.*) when trackers has 'mlflow'; "
+                                     "null: the defaults."),
+    "wandb": Key(dict | None, None, "Weights & Biases options (trainer.wandb.*) when trackers has 'wandb'; "
+                                    "null: the defaults."),
 }
 
 EMA_KEYS = {
     "decay": Key(float, 0.999, "Weight of the old average at each optimizer step (0 < decay < 1)."),
+}
+
+#: The trackers ``trainer.trackers`` may name (utils/trackers.py).
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+MLFLOW_KEYS = {
+    "tracking_uri": Key(str | None, None, "Tracking server or database URI (http://..., sqlite:///...), or a "
+                                          "local folder (a relative path is read from the project root); "
+                                          "null: <trainer.save_dir>/mlruns."),
+    "experiment": Key(str | None, None, "Experiment name; null: the config's name."),
+}
+
+WANDB_KEYS = {
+    "project": Key(str | None, None, "W&B project; null: the config's name."),
+    "entity": Key(str | None, None, "W&B user or team; null: your default entity."),
+    "mode": Key(Literal["offline", "online", "disabled"] | None, None,
+                "null: the WANDB_MODE environment variable if set, else offline (no network; upload later "
+                "with wandb sync)."),
 }
 
 #: The ``inference`` section (read by ``inference.py``; flags override it).
@@ -128,6 +157,15 @@ INFERENCE_KEYS = {
     "overlap": Key(float, 1 / 3, "Fraction of a tile shared with its neighbour (0 <= overlap < 1)."),
     "batch_size": Key(int, 1, "Images (or tiles, in sliding mode) per forward pass."),
     "amp": Key(Literal["bf16", "fp16"] | None, None, "Autocast the model to bfloat16 or float16."),
+}
+
+#: The ``metrics`` section: which classes the means over classes average (``utils.metrics``).
+METRICS_KEYS = {
+    "exclude": Key(list[str | int], [], "Classes (names or indices) left out of the means over classes (mIoU, "
+                                        "mean accuracy, precision, recall, F1), e.g. [\"background\"]; per-class "
+                                        "scores, pixel accuracy and fwIoU keep every class."),
+    "classes": Key(list[str | int] | None, None, "Only these classes (names or indices) in the means over "
+                                                 "classes; null: every class. Set classes or exclude, not both."),
 }
 
 
@@ -338,7 +376,8 @@ def _validate_monitor(monitor: str, path: str) -> None:
 
 
 def validate_config(config: dict) -> dict:
-    """Check the whole configuration and return it resolved (defaults filled in).
+    """Check the whole configuration and return it resolved (defaults filled in, paths absolute:
+    see :func:`resolve_paths`).
 
     All problems found are reported together, one per line.
     """
@@ -354,7 +393,7 @@ def validate_config(config: dict) -> dict:
             errors.append(str(exc))
 
     component_keys = ("arch", "train_loader", "val_loader", "optimizer", "loss", "aux_loss", "lr_scheduler",
-                      "trainer", "inference")
+                      "trainer", "inference", "metrics")
     try:
         plain = {k: v for k, v in config.items() if k not in component_keys}
         resolved.update(_check_keys(plain, TOP_LEVEL, "", allowed_extra=component_keys))
@@ -385,7 +424,10 @@ def validate_config(config: dict) -> dict:
     attempt("trainer", lambda: _validate_trainer(config.get("trainer", {})))
     if config.get("inference") is not None:  # range checks: predictor.inference_settings
         attempt("inference", lambda: _check_keys(config["inference"], INFERENCE_KEYS, "inference"))
+    if config.get("metrics") is not None:  # class names: _check_derived
+        attempt("metrics", lambda: _check_keys(config["metrics"], METRICS_KEYS, "metrics"))
     if not errors:
+        resolve_paths(resolved)  # before the checks that read files (Folder's classes.json)
         errors += _check_derived(resolved)
     if errors:
         raise ConfigError("\n".join(errors))
@@ -439,13 +481,38 @@ def _check_derived(resolved: dict) -> list[str]:
                       f"gives {channels}-channel images (data sets decode images as 8-bit RGB; other channel "
                       f"counts are not supported yet); set in_channels to {channels}")
     try:  # Folder reads its classes from its args or a classes.json beside the data
-        num_classes = DATASETS.get(train_type).info(resolved["train_loader"]["args"]).num_classes
+        class_names = DATASETS.get(train_type).info(resolved["train_loader"]["args"]).class_names
     except ConfigError as exc:
         return errors + [f"train_loader.args: {exc}"]
+    num_classes = len(class_names)
     if 0 <= resolved["ignore_index"] < num_classes:
         errors.append(f"ignore_index: {resolved['ignore_index']} is a class of {train_type} "
                       f"(0-{num_classes - 1}); use a value outside, e.g. 255")
+    if resolved.get("metrics") is not None:
+        errors += _check_metric_classes(resolved["metrics"], class_names, train_type)
     return errors
+
+
+def _check_metric_classes(metrics: dict, class_names: tuple[str, ...], dataset: str) -> list[str]:
+    """``metrics.classes`` and ``metrics.exclude`` name classes of the data set, and leave one to average."""
+    errors = []
+    for key in ("classes", "exclude"):
+        for ref in metrics[key] or ():
+            if isinstance(ref, str) and ref not in class_names:
+                errors.append(f"metrics.{key}: '{ref}' is not a class of {dataset}.{did_you_mean(ref, class_names)} "
+                              f"Classes: {', '.join(class_names)}")
+            elif isinstance(ref, int) and not 0 <= ref < len(class_names):
+                errors.append(f"metrics.{key}: {ref} is not a class index of {dataset} (0-{len(class_names) - 1})")
+    if errors:
+        return errors
+    if metrics["classes"] is not None and metrics["exclude"]:
+        return ["metrics: set classes (the classes to average) or exclude (the classes to leave out), not both"]
+    chosen = set(range(len(class_names))) if metrics["classes"] is None else \
+        {class_names.index(r) if isinstance(r, str) else r for r in metrics["classes"]}
+    left_out = {class_names.index(r) if isinstance(r, str) else r for r in metrics["exclude"]}
+    if not chosen - left_out:
+        return [f"metrics: no class of {dataset} is left to average over"]
+    return []
 
 
 def _validate_optimizer(section: Any) -> dict:
@@ -476,12 +543,31 @@ def _validate_trainer(section: Any) -> dict:
     if trainer["early_stop"] < 0:
         raise ConfigError(f"trainer.early_stop: must be >= 0 (0 disables), got {trainer['early_stop']}")
     _validate_monitor(trainer["monitor"], "trainer.monitor")
+    _validate_trackers(trainer)
     return trainer
+
+
+def _validate_trackers(trainer: dict) -> None:
+    """``trainer.trackers`` names known trackers once each; their options sections are checked."""
+    for name in trainer["trackers"]:
+        if name not in TRACKERS:
+            raise ConfigError(f"trainer.trackers: unknown tracker '{name}'.{did_you_mean(name, TRACKERS)} "
+                              f"Available: {', '.join(TRACKERS)}")
+    if len(set(trainer["trackers"])) != len(trainer["trackers"]):
+        raise ConfigError(f"trainer.trackers: a tracker is named twice in {trainer['trackers']}")
+    for key, schema in (("mlflow", MLFLOW_KEYS), ("wandb", WANDB_KEYS)):
+        if trainer[key] is not None:
+            trainer[key] = _check_keys(trainer[key], schema, f"trainer.{key}")
+
+
+def read_config(path: str | Path) -> dict:
+    """The config at ``path`` with its ``base`` files merged under it (see :mod:`utils.inherit`), unvalidated."""
+    return resolve_bases(path, read_json)[0]
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> dict:
     """Read ``path`` (or take ``base``), apply ``--set`` overrides, validate; returns the resolved config."""
-    config = copy.deepcopy(base) if path is None else read_json(path)
+    config = copy.deepcopy(base) if path is None else read_config(path)
     for assignment in overrides:
         apply_override(config, assignment)
     try:
@@ -489,6 +575,43 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     except ConfigError as exc:
         source = f"{path}: " if path is not None else ""
         raise ConfigError("\n".join(source + line for line in str(exc).splitlines())) from None
+
+
+#: The folder holding ``train.py``: relative paths in a config are read from here, whatever the
+#: current directory is.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_path(value: str) -> str:
+    """``value`` as an absolute path: ``~`` expanded, a relative path joined to :data:`PROJECT_ROOT`."""
+    path = Path(value).expanduser()
+    return os.path.normpath(path if path.is_absolute() else PROJECT_ROOT / path)
+
+
+def is_path_arg(name: str) -> bool:
+    """Whether a component argument holds a path, by its name (``data_dir``, ``weights_path``, ``list_file``)."""
+    return name.endswith(("_dir", "_path", "_file"))
+
+
+def resolve_paths(config: dict) -> dict:
+    """Make every path of a resolved config absolute (in place; returned): ``init_from``, ``cache_dir``,
+    ``trainer.save_dir`` and ``trainer.log_dir``, and the path arguments of the data sets and the model
+    (see :func:`is_path_arg`). A null ``cache_dir`` becomes ``<trainer.save_dir>/cache``.
+    """
+    trainer = config["trainer"]
+    trainer["save_dir"] = resolve_path(trainer["save_dir"])
+    if trainer["log_dir"] is not None:
+        trainer["log_dir"] = resolve_path(trainer["log_dir"])
+    config["cache_dir"] = resolve_path(config["cache_dir"] if config["cache_dir"] is not None
+                                       else os.path.join(trainer["save_dir"], "cache"))
+    if config["init_from"] is not None:
+        config["init_from"] = resolve_path(config["init_from"])
+    for key in ("arch", "train_loader", "val_loader"):
+        args = (config[key] or {}).get("args", {})
+        for name, value in args.items():
+            if is_path_arg(name) and isinstance(value, str):
+                args[name] = resolve_path(value)
+    return config
 
 
 #: The packages whose modules register components; each imports all of its modules.

@@ -52,12 +52,13 @@ def read_image(path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def read_label(path, color: bool = False) -> np.ndarray:
+def read_label(path, color: bool = False, hint: str = "") -> np.ndarray:
     """Read a label image without changing its values.
 
     Args:
         path: the label file.
         color: expect an RGB colour mask (masks mapped through a palette).
+        hint: appended to the error of a mask with the wrong number of channels (the setting that fixes it).
 
     Returns:
         ``(H, W)`` values as stored (``uint8``, or ``uint16`` for 16-bit PNGs such
@@ -80,11 +81,11 @@ def read_label(path, color: bool = False) -> np.ndarray:
         if label.ndim != 3 or label.dtype != np.uint8:
             channels = label.shape[2] if label.ndim == 3 else 1
             raise DataError(f"{path}: expected an 8-bit RGB colour mask, got a {channels}-channel "
-                            f"{label.dtype} image (class-index masks are read without a palette)")
+                            f"{label.dtype} image (class-index masks are read without a palette){hint}")
         return label
     if label.ndim == 3:
         raise DataError(f"{path}: label has {label.shape[2]} channels; expected a single-channel "
-                        "image of class indices")
+                        f"image of class indices{hint}")
     return label
 
 

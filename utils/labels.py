@@ -66,8 +66,11 @@ def apply_label_lut(raw: np.ndarray, lut: np.ndarray, source: str, num_classes: 
     return cv2.LUT(raw, table) if dtype == np.uint8 else table[raw]
 
 
-def apply_color_map(rgb: np.ndarray, colors: Mapping[tuple[int, int, int], int], source: str) -> np.ndarray:
+def apply_color_map(rgb: np.ndarray, colors: Mapping[tuple[int, int, int], int], source: str,
+                    hint: str = "") -> np.ndarray:
     """Map an RGB colour mask ``(H, W, 3)`` to class indices through ``colors`` (colour -> index).
+
+    ``hint`` is appended to the error of an unknown colour (the setting that fixes it).
 
     Returns:
         ``uint8`` (or wider, if an index needs it) ``(H, W)`` indices.
@@ -84,5 +87,5 @@ def apply_color_map(rgb: np.ndarray, colors: Mapping[tuple[int, int, int], int],
     if unknown.any():
         bad = int(codes[unknown][0])
         raise DataError(f"{source}: colour ({bad >> 16}, {(bad >> 8) & 255}, {bad & 255}) in "
-                        f"{int((codes == bad).sum())} pixel(s) is neither a class colour nor void")
+                        f"{int((codes == bad).sum())} pixel(s) is neither a class colour nor void{hint}")
     return values.astype(_smallest_int_dtype(int(values.min()), int(values.max())))[where]

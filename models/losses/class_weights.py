@@ -1,19 +1,23 @@
 """Class weights computed from the training labels, for the weighted losses.
 
-Weights are counted on the raw training labels (no augmentation) and cached as
-JSON in ``cache_dir``. A class that never occurs in the training labels gets
-weight 0 under either method: it cannot appear in a training target, and
-giving it ENet's finite bound (1 / ln 1.02, about 50.5) would only inflate its
-label-smoothing term.
+Weights are counted on the raw training labels (no augmentation; the whole
+training split, also when ``subset`` shortens the epochs) and cached as JSON in
+``cache_dir``. A class that never occurs in the training labels gets weight 0
+under either method: it cannot appear in a training target, and giving it
+ENet's finite bound (1 / ln 1.02, about 50.5) would only inflate its
+label-smoothing term. :func:`describe_class_weights` gives the lines a run logs
+(one per weighted loss, and a warning per class of weight 0).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+from torch import nn
 
 from base.base_dataset import BaseDataSet
 from utils.files import write_json
@@ -110,3 +114,25 @@ def _read_cache(path: str) -> list[float] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
+
+def describe_class_weights(loss: nn.Module | None, class_names: Sequence[str],
+                           key: str = "loss") -> tuple[list[str], list[str]]:
+    """What a run logs about the class weights of ``loss`` (the config's ``key``): ``(lines, warnings)``.
+
+    One line per module that weights classes (``weights_source`` and a ``weight`` buffer, as
+    ``WeightedCrossEntropyLoss``): ``Class weights of loss (median_frequency): road=0.36, car=1.2``;
+    one warning per class of weight 0, which the model then never learns.
+    """
+    lines: list[str] = []
+    warnings: list[str] = []
+    for module in loss.modules() if loss is not None else ():
+        source, weight = getattr(module, "weights_source", None), getattr(module, "weight", None)
+        if source is None or weight is None:
+            continue
+        values = [float(w) for w in weight.detach().cpu()]
+        pairs = ", ".join(f"{name}={value:.4g}" for name, value in zip(class_names, values))
+        lines.append(f"Class weights of {key} ({source}): {pairs}")
+        why = "it never occurs in the training labels" if source != "listed" else f"{key}.args.weights says so"
+        warnings += [f"Class '{name}' has weight 0 in {key} ({why}): the model is not trained to predict it"
+                     for name, value in zip(class_names, values) if value == 0]
+    return lines, warnings

@@ -66,6 +66,8 @@ class WeightedCrossEntropyLoss(CrossEntropyLoss):
                  train_dataset: BaseDataSet | None = None, cache_dir: str | None = None,
                  label_smoothing: float = 0.0) -> None:
         super().__init__(ignore_index=ignore_index, label_smoothing=label_smoothing)
+        #: How the weights were obtained, for the run's log: the method's name or "listed".
+        self.weights_source = weights if isinstance(weights, str) else "listed"
         if isinstance(weights, str):
             if weights not in ("median_frequency", "enet"):
                 raise ValueError(f"weights must be a list or one of 'median_frequency', 'enet', "

@@ -33,7 +33,7 @@ import torch
 
 import builder
 from tools.bench.train_step import ARCHS, InMemoryLoader, bench_config, keep_freed_memory, pregenerate, trainer_epoch
-from utils.config import load_config, read_json
+from utils.config import load_config, read_config
 
 #: variant -> (amp, compile)
 VARIANTS = {"fp32": ("off", False), "bf16": ("bf16", False), "compile": ("off", True),
@@ -102,7 +102,7 @@ def throughput(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
 
 def camvid_miou(name: str, epochs: int, subset: int, tmp: Path) -> float:
     """Validation mIoU of a short CamVid run of one variant (same seed, data and model for all)."""
-    raw = read_json(REPO_ROOT / "configs" / "camvid_unet.json")
+    raw = read_config(REPO_ROOT / "configs" / "camvid_unet.json")  # bases merged
     for key in ("train_loader", "val_loader"):
         raw[key]["args"].update(data_dir=str(CAMVID_DIR), num_workers=0)
     raw["arch"]["args"].update(base_channels=16)
