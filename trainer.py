@@ -7,13 +7,16 @@ only the loop; checkpoints, resume, early stop and Ctrl-C live in
 Batches arrive as ``uint8`` images and compact integer labels and are
 converted on the device (a quarter of the bytes to copy). Reading a value of
 the device on the host waits for the device, so the loop keeps its running
-loss there and looks at it, at the NaN check and at the stop request only every
-``trainer.log_per_iter`` iterations.
+loss there and looks at it and at the NaN check only every
+``trainer.log_per_iter`` iterations. A stop request (Ctrl-C, SIGTERM) is acted
+on after the current optimizer step; under torchrun, where the processes must
+agree on it, within about ``STOP_AGREEMENT_SECONDS`` of training (see
+:class:`StopSchedule`).
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -26,11 +29,11 @@ from tqdm import tqdm
 
 from base.base_dataloader import BaseDataLoader, is_worker_failure
 from utils.images import normalize_batch
-from base.base_trainer import EMA_PREFIX, BaseTrainer, TrainerSettings
+from base.base_trainer import EMA_PREFIX, BaseTrainer, StopWaiting, TrainerSettings
 from utils import distributed
 from utils.errors import ConfigError, TrainingError
-from utils.logger import TensorBoard
 from utils.metrics import ConfusionMatrix, segmentation_metrics
+from utils.trackers import open_trackers
 from utils.visualize import prediction_grid
 
 
@@ -40,6 +43,9 @@ VALIDATION_KEYS = ("val_loss", "pixel_acc", "mean_acc", "mIoU", "fwIoU")
 AmpMode = Literal["off", "bf16", "fp16"]
 #: The autocast type of each ``amp`` mode (float16 also scales the loss).
 AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: Under torchrun the processes agree on a stop request about this often (seconds of training).
+STOP_AGREEMENT_SECONDS = 1.0
 
 
 def amp_mode(value: str | bool, device: torch.device) -> AmpMode:
@@ -93,9 +99,10 @@ class Trainer(BaseTrainer):
         self.ignore_index = settings.ignore_index
         self.mean, self.std = meta["mean"], meta["std"]
         self.confusion = ConfusionMatrix(meta["num_classes"], self.ignore_index, device=device)
-        self.tb = TensorBoard(settings.tensorboard_dir)
+        self.tb = open_trackers(settings, run_dir)  # TensorBoard, MLflow, W&B: trainer.trackers
         self.show_progress = settings.progress_bar and distributed.is_main_process()
         self._val_sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._stops = StopSchedule(settings.log_per_iter)
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype,
@@ -115,16 +122,32 @@ class Trainer(BaseTrainer):
             loss = loss + self.aux_loss_weight * aux_loss(outputs["aux"], target)
         return loss
 
-    def _batches(self, loader: BaseDataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The loader's batches. A worker that dies after a stop request ends the epoch there.
+    def _batches(self, loader: BaseDataLoader, may_leave: Callable[[], bool] = lambda: True
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The loader's batches, until the loader ends or a stop request ends them.
 
-        Workers block the stop signals, but one started by a forkserver can
-        still be hit while it starts; its death is then the stop point, not a crash.
+        In one process, a stop request that comes while the loop waits for a batch
+        (workers starting, slow augmentation, a loaded machine) ends the wait at
+        once, when ``may_leave()`` (no accumulation group is half done): the next
+        iteration has not started. Under torchrun the processes leave only together,
+        at an agreed iteration. A worker that dies after a stop request ends the
+        epoch too: workers block the stop signals, but one started by a forkserver
+        can still be hit while it starts; its death is then the stop point, not a crash.
         """
         batches = iter(loader)
         while True:
             try:
-                batch = next(batches)
+                try:  # inside the outer `try`: the handler may raise StopWaiting from any line of it
+                    self._leave_wait = not distributed.is_distributed() and may_leave()
+                    if self._leave_wait and self._stop_requested:
+                        raise StopWaiting
+                    batch = next(batches)
+                finally:
+                    self._leave_wait = False
+            except StopWaiting:
+                self._leave_wait = False  # the signal may have come inside the `finally`
+                loader.shutdown()  # the iterator was left in the middle of a batch
+                return
             except StopIteration:
                 return
             except Exception as exc:
@@ -142,6 +165,12 @@ class Trainer(BaseTrainer):
         each optimizer step (the epoch's last group may be shorter; its losses are
         averaged over its own size). Checks (and so stops) happen only after a
         step, so a checkpoint never holds half-accumulated gradients.
+
+        A stop request ends the epoch after the step that follows it, or at once if
+        the loop is waiting for a batch at a step boundary (one process; see
+        :meth:`_batches`), or at the next agreement of the processes (torchrun;
+        :class:`StopSchedule`). The NaN check and the logs come every
+        ``log_per_iter`` iterations, and once more before stopping.
         """
         self.model.train()
         loader = self.train_loader
@@ -156,8 +185,9 @@ class Trainer(BaseTrainer):
         rate = ImageRate()
         log_every, k = self.settings.log_per_iter, self.accumulate_steps
         next_check = (start_iter // log_every + 1) * log_every
+        self._stops.start(start_iter)
         group_losses: list[torch.Tensor] = []  # the losses of the batches since the last step
-        for images, targets in self._batches(loader):
+        for images, targets in self._batches(loader, may_leave=lambda: self.iteration % k == 0):
             images, targets = self._to_device(images, targets)
             lr = self.optimizer.param_groups[0]["lr"]
             group_start = self.iteration - self.iteration % k
@@ -181,9 +211,13 @@ class Trainer(BaseTrainer):
             for i, value in enumerate(group_losses):
                 window.add(value, group_start + i + 1)
             group_losses.clear()
-            if self.iteration >= next_check or self.iteration == iters:
+            log_due = self.iteration >= next_check or self.iteration == iters
+            stop = False
+            if not log_due and self._stops.due(self.iteration):  # a log check agrees on the stop too
+                stop = self._stop_requested = self._stops.agree(self._stop_requested, self.iteration, self.device)
+            if log_due or stop:
                 next_check = (self.iteration // log_every + 1) * log_every
-                self._check(epoch, window, totals, lr, iters, bar, rate)
+                self._check(epoch, window, totals, lr, iters, bar, rate)  # the losses up to the stop
                 if self._stop_requested:
                     break
         if group_losses:  # a worker ended the epoch after a stop request, within a group: redo it on resume
@@ -228,6 +262,16 @@ class Trainer(BaseTrainer):
             self.tb.scalar(f"train/lr/{group.get('name', i)}", group["lr"], step)
         bar.set_postfix(loss=f"{totals['loss_sum'] / totals['count']:.4f}", lr=f"{lr:.2e}",
                         img_s=f"{rate.value or 0:.1f}", refresh=False)
+
+    def _stop_point(self) -> str:
+        """When the loop stops after a stop request, for the message printed on the first signal."""
+        k = self.accumulate_steps
+        if self._stops.distributed:
+            step = f" (after an optimizer step: every {k} iterations)" if k > 1 else ""
+            return f"within about {self._stops.seconds:g} s of training, where all processes agree{step},"
+        if k > 1:
+            return f"after this optimizer step (every trainer.accumulate_steps = {k} iterations)"
+        return "after this iteration"
 
     def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         try:
@@ -314,6 +358,53 @@ class Trainer(BaseTrainer):
         for loader in (self.train_loader, self.val_loader):
             if isinstance(loader, BaseDataLoader):
                 loader.shutdown()
+
+
+class StopSchedule:
+    """The iterations after which the training loop looks at a stop request (Ctrl-C, SIGTERM).
+
+    One process looks after every optimizer step: the request is a Python bool that the
+    signal handler sets, so reading it costs nothing.
+
+    Under torchrun every process must leave the loop after the same iteration, so they agree
+    with a collective operation, and reading its result on the host waits for the device: the
+    sync the loop avoids per iteration. So the processes agree every ``interval`` iterations,
+    about ``seconds`` of training. The interval cannot be decided by each process's own clock
+    (two processes could then pick different iterations, and the one left waiting in the
+    collective would hang): each agreement also carries every process's seconds per iteration
+    since the previous agreement, and all take the largest and so set the same next one. The
+    wall time between two agreements, both syncs, is the true time of the iterations between
+    them, data loading included. The first agreement of a run is after one iteration; the
+    interval is at most ``log_per_iter``, whose checks agree on the stop as well.
+    """
+
+    def __init__(self, log_per_iter: int, seconds: float = STOP_AGREEMENT_SECONDS) -> None:
+        self.limit, self.seconds = max(1, log_per_iter), seconds
+        self.interval = 1
+        self.start(0)
+
+    @property
+    def distributed(self) -> bool:
+        return distributed.is_distributed()
+
+    def start(self, iteration: int) -> None:
+        """An epoch starts (or resumes) at ``iteration``: the clock starts again."""
+        self._last, self._time = iteration, time.perf_counter()
+        self._next = iteration + self.interval
+
+    def due(self, iteration: int) -> bool:
+        """Whether to look at the request after ``iteration`` (the same answer on every process)."""
+        return not self.distributed or iteration >= self._next
+
+    def agree(self, requested: bool, iteration: int, device: torch.device) -> bool:
+        """Whether any process was asked to stop (a collective under torchrun: every process calls it)."""
+        if not self.distributed:
+            return requested
+        per_iteration = (time.perf_counter() - self._time) / max(iteration - self._last, 1)
+        (stop,), (slowest,) = distributed.any_process_and_max([requested], [per_iteration], device)
+        self.interval = int(min(max(self.seconds / max(slowest, 1e-6), 1), self.limit))
+        self._last, self._time, self._next = iteration, time.perf_counter(), iteration + self.interval
+        return stop
 
 
 class LossWindow:

@@ -72,10 +72,16 @@ class TrainerSettings:
     ignore_index: int = 255
     #: Where TensorBoard events go; None disables them.
     tensorboard_dir: Path | None = None
+    #: ``trainer.trackers``, ``trainer.mlflow`` and ``trainer.wandb``: the sinks of ``utils.trackers``.
+    trackers: tuple[str, ...] | list[str] = ("tensorboard",)
+    mlflow: Mapping[str, Any] | None = None
+    wandb: Mapping[str, Any] | None = None
+    #: The tracked runs a resumed run continues (``{"mlflow": run id}``), from its checkpoint.
+    tracker_runs: Mapping[str, str] = field(default_factory=dict)
     #: ``train_loader.args.subset``: it fixes an epoch's batches, so a mid-epoch resume checks it.
     subset: int | None = None
     #: The resolved config, stored in every checkpoint so that the run can be resumed and its model
-    #: rebuilt; the loop never reads it.
+    #: rebuilt; the loop never reads it (trackers log it as the run's parameters).
     record: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -86,6 +92,13 @@ class TrainingInterrupted(Exception):
         super().__init__(f"interrupted at epoch {epoch}, iteration {iteration}; "
                          f"checkpoint saved to {checkpoint}")
         self.checkpoint = checkpoint
+
+
+class StopWaiting(BaseException):
+    """Raised by the first stop signal in a wait the loop may leave at once (see ``_leave_wait``).
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is: the data loader's ``except Exception`` lets it through.
+    """
 
 
 class BaseTrainer:
@@ -141,6 +154,9 @@ class BaseTrainer:
         self.epoch_iters = 0  # iterations of the current epoch
         self.finished: str | None = None  # "last epoch" or "early stop" once the run is over
         self._stop_requested = False
+        # True while the loop waits for something it may leave on a stop request (the next batch,
+        # before an iteration starts): the first signal then raises StopWaiting there.
+        self._leave_wait = False
         self._stop_time = 0.0
 
     @property
@@ -277,25 +293,36 @@ class BaseTrainer:
         return " | ".join(parts)
 
     # --- stopping ------------------------------------------------------------------
+    def _stop_point(self) -> str:
+        """When the loop acts on a stop request (said on the first signal); trainers say it more precisely."""
+        return "at the next check"
+
     @contextlib.contextmanager
     def _catch_stop_signals(self):
-        """Ctrl-C or SIGTERM ask the loop to stop at its next check and save.
+        """Ctrl-C or SIGTERM ask the loop to stop and save; a second Ctrl-C quits without saving.
 
-        The training loop looks at the request every ``trainer.log_per_iter``
-        iterations (and at the end of the epoch), where all processes agree to
-        stop together. A second Ctrl-C (more than ``FORCE_QUIT_AFTER`` seconds
-        later) quits at once. Data-loading workers block these signals (see
-        :mod:`base.base_dataloader`): the main process shuts them down.
+        The training loop looks at the request where :meth:`_stop_point` says (after
+        the current iteration in one process), where all processes agree to stop
+        together; a wait the loop marks with ``_leave_wait`` ends at once. A second
+        Ctrl-C (more than ``FORCE_QUIT_AFTER`` seconds later) quits at once: one
+        line, exit code 130, no checkpoint written (the previous one is untouched;
+        the loaders' workers are still shut down on the way out). Data-loading
+        workers block these signals (see :mod:`base.base_dataloader`): the main
+        process shuts them down.
         """
         def handler(signum, frame):
             if self._stop_requested:
                 if signum == signal.SIGINT and time.monotonic() - self._stop_time > FORCE_QUIT_AFTER:
-                    raise KeyboardInterrupt
+                    self.logger.warning("SIGINT again: quitting without saving")
+                    # SystemExit, not KeyboardInterrupt: it leaves through the commands' error handling
+                    # (and the `finally` that closes the loaders) without a traceback.
+                    raise SystemExit(130)
                 return
             self._stop_requested, self._stop_time = True, time.monotonic()
-            self.logger.warning(f"\n{signal.Signals(signum).name}: stopping at the next check (at most "
-                                f"{self.settings.log_per_iter} iterations) and saving a checkpoint "
-                                "(Ctrl-C again to quit without saving)")
+            self.logger.warning(f"\n{signal.Signals(signum).name}: stopping {self._stop_point()} and saving a "
+                                f"checkpoint (Ctrl-C again, after {FORCE_QUIT_AFTER:g} s, to quit without saving)")
+            if self._leave_wait:
+                raise StopWaiting
 
         previous = {}
         try:
@@ -365,6 +392,8 @@ class BaseTrainer:
             "not_improved": self.not_improved, "history": self.history,
             "best_ema": self.best_ema, "best_ema_epoch": self.best_ema_epoch,
             "rng": rng_state(), "config": dict(self.settings.record),
+            # The ids of the tracked runs (MLflow, W&B) of the trainer's sinks, continued on resume.
+            "tracker_runs": dict(getattr(getattr(self, "tb", None), "runs", {})),
         }
         save_atomic(state, path)
         return path

@@ -59,6 +59,21 @@ def any_process(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v > 0) for v in values.tolist()]
 
 
+def any_process_and_max(flags: list[bool], values: list[float], device: torch.device
+                        ) -> tuple[list[bool], list[float]]:
+    """Whether each flag is true on any process, and each value's largest over all processes.
+
+    One collective (every process calls it): the maximum of 0/1 flags says whether any is set.
+    """
+    if not is_distributed():
+        return list(flags), list(values)
+    reduced = torch.tensor([float(f) for f in flags] + [float(v) for v in values], dtype=torch.float64,
+                           device=device)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    result = reduced.tolist()
+    return [v > 0 for v in result[:len(flags)]], result[len(flags):]
+
+
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Copy rank 0's buffers (batch-norm statistics) to every process."""
     if is_distributed():
