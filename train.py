@@ -301,7 +301,7 @@ def start_training(trainer, config: dict, components: dict, model: torch.nn.Modu
                             "(arch.args.scales)")
     if getattr(model, "norm_summary", None):
         trainer.logger.info(f"Normalisation layers: {model.norm_summary}")
-    # Printed last before training starts (tests/test_stop.py signals the run on this line).
+    # Printed last before training starts; "Run folder:" follows once the stop handlers are installed.
     trainer.logger.info(f"Input normalisation: mean {_rounded(mean)}, std {_rounded(std)} ({source})")
     return trainer.train()
 

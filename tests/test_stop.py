@@ -51,9 +51,10 @@ def test_signal_to_the_group_while_workers_start_saves_and_resumes(tmp_path, tin
     tiny_config["trainer"].update(epochs=1, save_dir=str(tmp_path / "saved"))
     process, lines = start_training(tiny_config, tmp_path)
     try:
-        # Printed just before the first epoch starts its workers (which take a second or two to start
-        # under spawn and forkserver): the signal reaches every process while they start.
-        wait_for(lines, "Input normalisation", process)
+        # Printed once the stop handlers are in place, just before the first epoch starts its workers
+        # (which take a second or two to start under spawn and forkserver): the signal reaches every
+        # process while they start. (An earlier line could come before the handlers.)
+        wait_for(lines, "Run folder:", process)
         os.killpg(process.pid, signum)
         _, err = process.communicate(timeout=120)
     finally:

@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "camvid"
 CONFIG = REPO_ROOT / "configs" / "camvid_enet.json"
 #: Printed last before training starts (train.py).
-READY_LINE = "Input normalisation"
+READY_LINE = "Run folder:"  # logged once the stop handlers are installed
 
 
 def cpu_model() -> str:
