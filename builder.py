@@ -332,7 +332,7 @@ def trainer_settings(config: dict, device: torch.device, run_dir: Path,
                            channels_last=config["channels_last"], aux_loss_weight=config["aux_loss_weight"],
                            ignore_index=config["ignore_index"], tensorboard_dir=tb_dir,
                            subset=config["train_loader"]["args"].get("subset"), record=config,
-                           tracker_runs=dict(tracker_runs or {}))
+                           tracker_runs=dict(tracker_runs or {}), metrics=config.get("metrics"))
 
 
 def build_trainer(config: dict, device: torch.device, run_dir: Path, components: dict | None = None,

@@ -15,6 +15,8 @@ agree on it, within about ``STOP_AGREEMENT_SECONDS`` of training (see
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -27,7 +29,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from base.base_dataloader import BaseDataLoader, is_worker_failure
+from base.base_dataloader import BaseDataLoader, EpochSampler, is_worker_failure
 from utils.images import normalize_batch
 from base.base_trainer import EMA_PREFIX, BaseTrainer, StopWaiting, TrainerSettings
 from utils import distributed
@@ -38,11 +40,15 @@ from utils.visualize import prediction_grid
 
 
 #: The scores of a validation row (besides the per-class ``iou/NAME``).
-VALIDATION_KEYS = ("val_loss", "pixel_acc", "mean_acc", "mIoU", "fwIoU")
+#: The means over classes (mIoU, mean_acc, mean_f1...) follow the config's ``metrics`` section.
+VALIDATION_KEYS = ("val_loss", "pixel_acc", "mean_acc", "mIoU", "fwIoU", "mean_f1", "mean_precision", "mean_recall")
 
 AmpMode = Literal["off", "bf16", "fp16"]
 #: The autocast type of each ``amp`` mode (float16 also scales the loss).
 AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: The validation images shown in TensorBoard's prediction grid.
+GRID_IMAGES = 4
 
 #: Under torchrun the processes agree on a stop request about this often (seconds of training).
 STOP_AGREEMENT_SECONDS = 1.0
@@ -101,7 +107,10 @@ class Trainer(BaseTrainer):
         self.confusion = ConfusionMatrix(meta["num_classes"], self.ignore_index, device=device)
         self.tb = open_trackers(settings, run_dir)  # TensorBoard, MLflow, W&B: trainer.trackers
         self.show_progress = settings.progress_bar and distributed.is_main_process()
+        # Off a terminal (a cluster job, nohup, CI) tqdm shows nothing: a plain line every log_per_iter instead.
+        self.log_lines = distributed.is_main_process() and not (settings.progress_bar and _is_terminal(sys.stderr))
         self._val_sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.val_sample_indices: list[int] = []  # the data set indices of the grid's images
         self._stops = StopSchedule(settings.log_per_iter)
 
     def _autocast(self):
@@ -183,6 +192,7 @@ class Trainer(BaseTrainer):
         bar = tqdm(total=iters, initial=start_iter, desc=f"train {epoch}/{self.epochs}",
                    disable=None if self.show_progress else True, dynamic_ncols=True, leave=False)
         rate = ImageRate()
+        self._clock = ProgressClock(start_iter)
         log_every, k = self.settings.log_per_iter, self.accumulate_steps
         next_check = (start_iter // log_every + 1) * log_every
         self._stops.start(start_iter)
@@ -262,6 +272,20 @@ class Trainer(BaseTrainer):
             self.tb.scalar(f"train/lr/{group.get('name', i)}", group["lr"], step)
         bar.set_postfix(loss=f"{totals['loss_sum'] / totals['count']:.4f}", lr=f"{lr:.2e}",
                         img_s=f"{rate.value or 0:.1f}", refresh=False)
+        if self.log_lines:
+            self.logger.info(self._progress_line(epoch, iters, loss_sum / count, lr, rate))
+
+    def _progress_line(self, epoch: int, iters: int, loss: float, lr: float | None, rate: ImageRate) -> str:
+        """The plain-text progress of the epoch (when there is no progress bar): the loss is the mean
+        since the previous line, the speed that of the images since then, the ETA that of the epoch."""
+        images_per_s, eta = self._clock.lap(self.iteration, iters, rate.images)
+        if self.device.type == "cuda":
+            memory = f"cuda max {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB"
+        else:
+            memory = f"rss {_rss_bytes() / 2**20:.0f} MiB"
+        lr_text = f"{lr:.3e}" if lr is not None else "-"
+        return (f"epoch {epoch}/{self.epochs} | iter {self.iteration}/{iters} | loss {loss:.4f} | lr {lr_text} | "
+                f"{images_per_s:.1f} img/s | eta {_clock_text(eta)} | {memory}")
 
     def _stop_point(self) -> str:
         """When the loop stops after a stop request, for the message printed on the first signal."""
@@ -301,7 +325,10 @@ class Trainer(BaseTrainer):
         self.confusion.reset()
         self.val_loader.set_epoch(epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        count, sample = 0, None
+        count = position = 0
+        # The grid's samples: the same spread-out images at every validation (and after resume).
+        stream = self._val_indices() if model is self.unwrapped_model else []
+        wanted, picked = set(grid_indices(sorted(set(stream)))), {}
         bar = tqdm(total=len(self.val_loader), desc=f"{label} {epoch}/{self.epochs}", dynamic_ncols=True,
                    leave=False, disable=None if self.show_progress else True)
         rate = ImageRate()
@@ -321,17 +348,25 @@ class Trainer(BaseTrainer):
                     benchmark.update(pred, target, instance)
             loss_sum += loss.detach().double() * images.shape[0]
             count += images.shape[0]
-            if sample is None:
-                sample = (raw_images[:4], raw_targets[:4], preds[:4].cpu())
+            for j, index in enumerate(stream[position:position + images.shape[0]]):
+                if index in wanted and index not in picked:
+                    picked[index] = (raw_images[j], raw_targets[j], preds[j].cpu())
+            position += images.shape[0]
             bar.update(1)
             bar.set_postfix(img_s=f"{rate.update(images.shape[0]):.1f}", refresh=False)
             if self._stop_requested:
                 break
         bar.close()
-        if model is self.unwrapped_model:
-            self._val_sample = sample
+        if model is self.unwrapped_model and picked:
+            chosen = sorted(picked)
+            size = picked[chosen[0]][0].shape
+            chosen = [i for i in chosen if picked[i][0].shape == size]  # one grid: images of one size
+            self.val_sample_indices = chosen
+            self._val_sample = tuple(torch.stack([picked[i][part] for i in chosen]) for part in range(3))
         self.confusion.all_reduce()
-        metrics = segmentation_metrics(self.confusion.matrix, self.meta["class_names"])
+        selection = self.settings.metrics or {}
+        metrics = segmentation_metrics(self.confusion.matrix, self.meta["class_names"],
+                                       metric_classes=selection.get("classes"), exclude=selection.get("exclude"))
         row = {"val_loss": _reduced_mean(loss_sum.item(), count, self.device),
                **{k: metrics[k] for k in VALIDATION_KEYS[1:]}}
         for name, iou in zip(self.meta["class_names"], metrics["class_iou"]):
@@ -339,6 +374,13 @@ class Trainer(BaseTrainer):
         if benchmark is not None:
             row.update(_benchmark_scores(benchmark, self.device))
         return row
+
+    def _val_indices(self) -> list[int]:
+        """The data set indices of this process's validation items, in the loader's order."""
+        sampler = getattr(self.val_loader, "sampler", None)
+        if isinstance(sampler, EpochSampler):
+            return [index for _, index in sampler]
+        return list(range(len(self.val_loader.dataset)))
 
     def _log_epoch(self, epoch: int, row: dict[str, Any]) -> None:
         self.tb.scalar("train/epoch_loss", row["train_loss"], epoch)
@@ -358,6 +400,17 @@ class Trainer(BaseTrainer):
         for loader in (self.train_loader, self.val_loader):
             if isinstance(loader, BaseDataLoader):
                 loader.shutdown()
+
+
+def grid_indices(indices: list[int], count: int = GRID_IMAGES) -> list[int]:
+    """``count`` of ``indices`` evenly spread from the first to the last (all of them if no more).
+
+    Consecutive frames (CamVid's) look alike: the grid shows images from across the validation set.
+    """
+    n = len(indices)
+    if n <= count:
+        return list(indices)
+    return [indices[i * (n - 1) // (count - 1)] for i in range(count)]
 
 
 class StopSchedule:
@@ -441,13 +494,56 @@ class ImageRate:
     def __init__(self) -> None:
         self.tick = time.perf_counter()
         self.value: float | None = None
+        self.images = 0  # images seen so far
 
     def update(self, images: int) -> float:
+        self.images += images
         now = time.perf_counter()
         speed = images / max(now - self.tick, 1e-9)
         self.tick = now
         self.value = speed if self.value is None else 0.9 * self.value + 0.1 * speed
         return self.value
+
+
+class ProgressClock:
+    """The speed since the previous progress line and the time left in the epoch (data loading included)."""
+
+    def __init__(self, start_iter: int) -> None:
+        self.start = self.tick = time.perf_counter()
+        self.start_iter = start_iter
+        self.images = 0
+
+    def lap(self, iteration: int, iters: int, images: int) -> tuple[float, float]:
+        """``(images per second since the last lap, seconds left in the epoch)`` after ``iteration`` of ``iters``
+        (``images``: seen since the epoch (re)started)."""
+        now = time.perf_counter()
+        speed = (images - self.images) / max(now - self.tick, 1e-9)
+        per_iteration = (now - self.start) / max(iteration - self.start_iter, 1)
+        self.tick, self.images = now, images
+        return speed, per_iteration * max(iters - iteration, 0)
+
+
+def _clock_text(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
+
+
+def _rss_bytes() -> int:
+    """The resident memory of this process (its peak where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _reduced_mean(total: float, count: int, device: torch.device) -> float:

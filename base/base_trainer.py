@@ -78,6 +78,9 @@ class TrainerSettings:
     wandb: Mapping[str, Any] | None = None
     #: The tracked runs a resumed run continues (``{"mlflow": run id}``), from its checkpoint.
     tracker_runs: Mapping[str, str] = field(default_factory=dict)
+    #: The config's ``metrics`` section (``classes`` or ``exclude``): the classes validation's means
+    #: over classes (mIoU, mean_acc, mean_f1...) average; None: every class.
+    metrics: Mapping[str, Any] | None = None
     #: ``train_loader.args.subset``: it fixes an epoch's batches, so a mid-epoch resume checks it.
     subset: int | None = None
     #: The resolved config, stored in every checkpoint so that the run can be resumed and its model
@@ -207,7 +210,13 @@ class BaseTrainer:
             self._interrupt(epoch)
         row: dict[str, Any] = {"epoch": epoch, **logs}
         improved = ema_improved = False
-        if self.val_loader is not None and (epoch % self.settings.val_per_epochs == 0 or epoch == self.epochs):
+        validate = self.val_loader is not None and (epoch % self.settings.val_per_epochs == 0
+                                                    or epoch == self.epochs)
+        if validate:
+            # The epoch's training is kept before validating: a validation that fails (a bad label file)
+            # leaves a checkpoint that --resume continues from this epoch's validation. (Between save
+            # epochs the checkpoint stays so: a later resume validates this epoch again.)
+            self._save("checkpoint.pth", epoch, self.iteration, epoch_done=False, partial=self._partial_totals())
             metrics = self._valid_epoch(epoch)
             if self._stop_agreed():
                 self._interrupt(epoch)
@@ -348,6 +357,15 @@ class BaseTrainer:
     def _device(self) -> torch.device:
         return next(self.unwrapped_model.parameters()).device
 
+    def _partial_totals(self) -> dict[str, float]:
+        """The epoch's running sums over all processes (a collective under torchrun; ``lr`` as it is)."""
+        sums = {k: v for k, v in self.partial.items() if k != "lr"}
+        if not (sums and distributed.is_distributed()):
+            return dict(self.partial)
+        totals = distributed.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64,
+                                                         device=self._device()))
+        return {**self.partial, **dict(zip(sums, totals.tolist()))}
+
     def _interrupt(self, epoch: int) -> None:
         # Every process holds its own share of the epoch's running sums: save their total
         # (a collective; all processes stop together), which rank 0 alone takes back on resume.
@@ -372,8 +390,10 @@ class BaseTrainer:
                 "seed": self.seed,
                 "number of training samples": len(loader.dataset)}
 
-    def _save(self, filename: str, epoch: int, iteration: int, epoch_done: bool) -> Path:
-        """The full training state, everything an exact resume needs."""
+    def _save(self, filename: str, epoch: int, iteration: int, epoch_done: bool,
+              partial: dict[str, float] | None = None) -> Path:
+        """The full training state, everything an exact resume needs (``partial``: the epoch's running
+        sums to store, by default ``self.partial``)."""
         path = self.run_dir / filename
         if not distributed.is_main_process():
             return path
@@ -387,7 +407,7 @@ class BaseTrainer:
             "epoch": epoch, "iteration": iteration, "epoch_iters": self.epoch_iters,
             "epoch_done": epoch_done, "finished": self.finished,
             "batch_size": self.train_loader.batch_size, "position": self._position(),
-            "partial": dict(self.partial),
+            "partial": dict(self.partial if partial is None else partial),
             "monitor": self.settings.monitor, "best": self.best, "best_epoch": self.best_epoch,
             "not_improved": self.not_improved, "history": self.history,
             "best_ema": self.best_ema, "best_ema_epoch": self.best_ema_epoch,

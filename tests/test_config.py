@@ -108,7 +108,7 @@ def test_all_errors_are_reported_together(tiny_config):
     assert lines[0] == "seed: expected an integer, got 1.5"
     assert lines[1].startswith("loss.type: unknown loss 'Dice'. Available: CrossEntropyLoss")
     assert lines[2] == ("trainer.monitor: unknown metric 'miou'. Did you mean 'mIoU'? "
-                        "Available: mIoU, pixel_acc, mean_acc, fwIoU, val_loss, iIoU")
+                        "Available: mIoU, pixel_acc, mean_acc, fwIoU, val_loss, iIoU, mean_f1, mean_precision, mean_recall")
 
 
 def test_monitor_format(tiny_config):

@@ -310,8 +310,8 @@ def test_a_stop_inside_an_accumulation_group_resumes_at_its_start(tiny_config, t
     trainer = make_trainer(config, tmp_path / "run")
     batches = trainer._batches
 
-    def three_batches_then_stop(loader):
-        for i, batch in enumerate(batches(loader)):
+    def three_batches_then_stop(loader, **kwargs):
+        for i, batch in enumerate(batches(loader, **kwargs)):
             if i == 3 and loader is trainer.train_loader:
                 trainer._stop_requested = True
                 return

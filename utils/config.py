@@ -46,7 +46,8 @@ SCHEDULER_INJECTED = ("optimizer", "num_epochs", "iters_per_epoch")
 # Seeds are combined with epochs and indices into 64-bit generator seeds; 32 bits leave room.
 MAX_SEED = 2**32 - 1
 
-METRIC_NAMES = ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "val_loss", "iIoU")
+METRIC_NAMES = ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "val_loss", "iIoU", "mean_f1", "mean_precision",
+                "mean_recall")
 
 TOP_LEVEL = {
     "name": Key(str, "run", "Run name; runs are saved under save_dir/name/<timestamp>/."),
@@ -98,16 +99,21 @@ LOADER_KEYS = {
 TRAINER_KEYS = {
     "epochs": Key(int, 100, "Number of epochs."),
     "save_dir": Key(str, "saved/", "Root folder of runs (a relative path is read from the project root)."),
-    "save_period": Key(int, 1, "Write checkpoint.pth every N epochs (and always at the end or on Ctrl-C)."),
-    "monitor": Key(str, "max mIoU", "'max METRIC', 'min METRIC' or 'off'; decides best_model.pth and early stop."),
+    "save_period": Key(int, 1, "Write checkpoint.pth every N epochs (and always before a validation, at the end "
+                               "or on Ctrl-C)."),
+    "monitor": Key(str, "max mIoU", "'max METRIC', 'min METRIC' or 'off'; decides best_model.pth and early stop. "
+                                   "METRIC: mIoU, pixel_acc, mean_acc, fwIoU, val_loss, iIoU, mean_f1, "
+                                   "mean_precision or mean_recall."),
     "early_stop": Key(int, 0, "Stop after N validations without improvement; 0 disables."),
     "tensorboard": Key(bool, True, "Write TensorBoard logs."),
     "log_dir": Key(str | None, None, "TensorBoard folder root (a relative path is read from the project root); "
                                      "default: the run folder's tensorboard/."),
-    "log_per_iter": Key(int, 20, "Log training loss and lr to TensorBoard every N iterations."),
+    "log_per_iter": Key(int, 20, "Log training loss and lr to TensorBoard every N iterations (and, without a "
+                                "visible progress bar, a progress line to the console and train.log)."),
     "val": Key(bool, True, "Run validation."),
     "val_per_epochs": Key(int, 1, "Validate every N epochs (and after the last)."),
-    "progress_bar": Key(bool, True, "Show tqdm progress bars."),
+    "progress_bar": Key(bool, True, "Show tqdm progress bars (on a terminal; elsewhere, or when false, a progress "
+                                    "line every log_per_iter iterations)."),
     "accumulate_steps": Key(int, 1, "Add the gradients of N batches before each optimizer step (the "
                                     "schedule counts optimizer steps)."),
     "clip_grad_norm": Key(float | None, None, "Scale the gradients down when their global L2 norm exceeds "
