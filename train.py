@@ -299,6 +299,8 @@ def start_training(trainer, config: dict, components: dict, model: torch.nn.Modu
     if hasattr(model, "forward_scales"):  # a model that combines scales by itself (MS-OCR)
         trainer.logger.info(f"Validation runs {config['arch']['type']} at scales {list(model.scales)} "
                             "(arch.args.scales)")
+    for note in getattr(getattr(model, "backbone", None), "weights_notes", None) or ():
+        trainer.logger.info(f"Encoder weights: {note}")
     if getattr(model, "norm_summary", None):
         trainer.logger.info(f"Normalisation layers: {model.norm_summary}")
     # Printed last before training starts; "Run folder:" follows once the stop handlers are installed.

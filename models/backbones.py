@@ -8,27 +8,41 @@ highest resolution first, with two tuples read from the network when it is built
 - ``strides``: how much smaller than the input each feature is (with dilation the
   strides stop growing: a ResNet at output stride 8 gives ``(2, 4, 8, 8, 8)``);
 
-and ``pretrained_normalization``: the input ``(mean, std)`` its weights expect, or None.
+and ``pretrained_normalization``: the input ``(mean, std)`` its weights expect, or None;
+``weights_notes``: what was unwrapped from its weights file (empty without one).
 Decoders read these instead of hard-coding channel counts. Build one with
 :func:`build_encoder`; a model's ``backbone`` argument is typed :data:`EncoderName`,
 so a misspelled name is reported when the config is validated.
 
 The torchvision encoders are registered in ``BACKBONES`` (``resnet50``, ``mobilenet_v2``...);
-any timm model is reachable as ``"timm:<name>"`` (``"timm:convnext_tiny"``).
+any timm model is reachable as ``"timm:<name>"`` (``"timm:convnext_tiny"``), with arguments of
+``timm.create_model`` as ``{"type": "timm:vit_small_patch16_224", "args": {"dynamic_img_size": true}}``.
+
+Weights files are read with ``torch.load(weights_only=True)`` (or safetensors); a training
+checkpoint's ``state_dict``/``model`` entry and the ``module.``/``backbone.``/``encoder.``
+prefixes of wrappers are unwrapped (one log line and one entry of the encoder's
+``weights_notes`` say so), and a file that does not hold every tensor of the encoder, by
+name and shape, is refused with a CheckpointError that counts what matched.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import logging
 import os
 import urllib.error
-from collections.abc import Callable, Sequence
-from typing import Annotated
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 from torchvision import models as tvm
 
 from utils.errors import CheckpointError, ConfigError
-from utils.registry import BACKBONES, Check, did_you_mean
+from utils.registry import BACKBONES, Check, did_you_mean, normalize_spec
+
+_log = logging.getLogger(__name__)
 
 OUTPUT_STRIDES = (8, 16, 32)
 #: The RGB statistics (0-1 range) of ImageNet, which torchvision's weights were trained with.
@@ -144,23 +158,201 @@ def weights_file(name: str, url: str, weights_path: str | None) -> str:
     return cache_path
 
 
-def load_state(net: nn.Module, path: str, unused: tuple[str, ...] = ()) -> None:
-    """Load a state_dict file into ``net``; a CheckpointError naming the file if it fails.
+#: Entries of a training checkpoint that hold the network's state dict, tried in this order.
+WRAPPER_KEYS = ("state_dict", "model")
+#: Prefixes wrappers put before a network's names: (Distributed)DataParallel, segmentation models.
+WRAPPER_PREFIXES = ("module.", "backbone.", "encoder.")
 
-    Keys starting with one of the ``unused`` prefixes (a classifier the encoder
-    has no use for) are dropped; every other key must fit.
+
+def _one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """An error's text on one line, shortened to about ``limit`` characters."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _few(names: Sequence[str], count: int = 3) -> str:
+    """``a, b, c and 4 more``."""
+    shown = ", ".join(names[:count])
+    return shown + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def read_weights(path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict a weights file holds, unwrapped from a training checkpoint, and what was unwrapped.
+
+    ``torch.load(..., weights_only=True)`` (``argparse.Namespace``, which timm's training
+    checkpoints hold, allowed), or safetensors for a ``.safetensors`` file. A checkpoint's
+    ``state_dict`` or ``model`` entry is taken; entries that are not tensors are left out.
+    A CheckpointError (one line) names the file when it cannot be read or holds no tensors.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+            obj = load_file(str(path), device="cpu")
+        else:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     # A corrupt file can fail in many ways (UnpicklingError, EOFError, KeyError, RuntimeError).
     except Exception as exc:
-        raise CheckpointError(f"cannot read weights file {path}: {exc}") from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(f"weights file {path} does not hold a state_dict (got {type(state).__name__})")
-    try:
-        net.load_state_dict({k: v for k, v in state.items() if not k.startswith(unused)} if unused else state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"weights file {path} does not fit this network: {exc}") from exc
+        reason = str(exc)
+        if "WeightsUnpickler error:" in reason:  # the reason, without advice on loading unsafely
+            reason = reason.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+            reason = f"torch.load(weights_only=True) refuses it ({_one_line(reason.split(' Please use ')[0])})"
+        raise CheckpointError(f"cannot read weights file {path}: {_one_line(reason)}") from exc
+    taken = []
+    while isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            break
+        taken.append(key)
+        obj = obj[key]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"weights file {path} does not hold a state_dict (got {type(obj).__name__})")
+    state = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError(f"weights file {path} holds no tensors (its entries: {_few([str(k) for k in obj])}); "
+                              f"a state_dict, or a checkpoint with one under {' or '.join(WRAPPER_KEYS)}, is "
+                              "expected")
+    return state, [f"took its {key!r} entry" for key in taken]
+
+
+def strip_prefixes(state: dict[str, torch.Tensor], known: set[str],
+                   normalize: Callable[[str], str] = lambda name: name) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Strip the wrapper prefixes (:data:`WRAPPER_PREFIXES`) that keep ``state``'s names from the network's.
+
+    A prefix is stripped when every name carries it, or when the names that carry it,
+    stripped, match more of the network's names (``known``, compared after ``normalize``)
+    than the names do as they are; the names without it are then left out (the decoder
+    of a segmentation checkpoint). Repeated, so ``module.backbone.`` is stripped too.
+    Returns the state dict and what was done, for the log.
+    """
+    def score(names: Iterable[str]) -> int:
+        return sum(normalize(name) in known for name in names)
+
+    notes = []
+    while True:
+        current, best = score(state), None
+        for prefix in WRAPPER_PREFIXES:
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not sub:
+                continue
+            fit = score(sub)
+            if (fit > current or (len(sub) == len(state) and fit >= current)) and (best is None or fit > best[1]):
+                best = (prefix, fit, sub)
+        if best is None:
+            return state, notes
+        prefix, _, sub = best
+        left_out = len(state) - len(sub)
+        notes.append(f"stripped {prefix!r} from its names"
+                     + (f" (left out {left_out} tensor{'s' * (left_out != 1)} without it)" if left_out else ""))
+        state = sub
+
+
+@dataclass
+class Loaded:
+    """What a weights file gave a network, for :func:`require_fit`.
+
+    Attributes:
+        source: the file, as the messages name it (``weights file /path/w.pth``).
+        matched: the network's names that were loaded (same name and shape in the file).
+        wrong_shape: ``{name: (shape in the file, shape in the network)}``.
+        unused: the file's names the network has none of.
+        foreign: those of them inside the network's modules (``layer1.2.conv1.weight`` where
+            ``layer1`` has two blocks): a file of another network, not one with a part more.
+        notes: what was unwrapped, for the log.
+        extra: the file's tensors that the network has no place for but a head may use
+            (VGG's classifier, which FCN-8s makes its fc6 and fc7).
+    """
+
+    source: str
+    matched: set[str] = field(default_factory=set)
+    wrong_shape: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    unused: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def load_matching(net: nn.Module, state: dict[str, torch.Tensor], loaded: Loaded):
+    """Load into ``net`` the tensors of ``state`` whose name and shape it has; record them in ``loaded``.
+
+    Returns what ``load_state_dict`` returns (the network's names left out, for timm's log)."""
+    own = net.state_dict(keep_vars=True)
+    fits = {k: v for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    loaded.matched |= set(fits)
+    loaded.wrong_shape.update({k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                               if k in own and k not in fits})
+    unused = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
+    loaded.unused += unused
+    modules = dict(net.named_modules())
+    # The modules that hold tensors (their paths): a name more under one of them is another network's.
+    holders = {".".join(parts[:i]) for parts in (k.split(".") for k in own) for i in range(1, len(parts))}
+
+    def foreign(name: str) -> bool:
+        parts = name.split(".")
+        parent = ".".join(parts[:-1])
+        if parent in modules and hasattr(modules[parent], parts[-1]):  # a buffer it does not save
+            return False
+        return any(".".join(parts[:i]) in holders for i in range(1, len(parts)))
+
+    loaded.foreign += [k for k in unused if foreign(k)]
+    return nn.Module.load_state_dict(net, fits, strict=False)
+
+
+def require_fit(own: Iterable[str], loaded: Loaded, what: str) -> None:
+    """A CheckpointError (one line) unless every one of the encoder's tensors ``own`` was loaded.
+
+    ``num_batches_tracked`` counters are not weights and do not count. A file may hold
+    more than the encoder (a classifier head): only the encoder's own tensors must be there.
+    """
+    own = [name for name in own if not name.endswith("num_batches_tracked")]
+    missing = [name for name in own if name not in loaded.matched]
+    if not missing and not loaded.foreign:
+        return
+    if not missing:
+        raise CheckpointError(f"{loaded.source}: all {len(own)} tensors of {what} match by name and shape, but "
+                              f"the file has {len(loaded.foreign)} more inside its modules "
+                              f"({_few(loaded.foreign)}): it holds another network's weights. "
+                              "Check weights_path and backbone")
+    wrong = [name for name in missing if name in loaded.wrong_shape]
+    absent = [name for name in missing if name not in loaded.wrong_shape]
+    details = []
+    if wrong:
+        details.append("wrong shape: " + _few([f"{name} (file {loaded.wrong_shape[name]}, network "
+                                               f"{tuple(loaded.wrong_shape[name][1])})" for name in wrong]))
+    if absent:
+        details.append("not in the file: " + _few(absent))
+    if loaded.unused:
+        details.append(f"the file has {len(loaded.unused)} other{'s' * (len(loaded.unused) != 1)}: "
+                       + _few(loaded.unused))
+    raise CheckpointError(f"{loaded.source}: {len(own) - len(missing)} of {len(own)} tensors of {what} match "
+                          f"by name and shape ({'; '.join(details)}); it does not hold this network's weights. "
+                          "Check weights_path and backbone")
+
+
+def _note(encoder: nn.Module, loaded: Loaded) -> None:
+    """Log what was unwrapped from the file in one line and keep it in ``encoder.weights_notes``."""
+    if loaded.notes:
+        note = f"{loaded.source}: {', '.join(loaded.notes)}"
+        encoder.weights_notes.append(note)
+        _log.info(note)
+
+
+def load_state(net: nn.Module, path: str, unused: tuple[str, ...] = ()) -> Loaded:
+    """Load the weights file ``path`` into ``net`` by name and shape; what was loaded, for :func:`require_fit`.
+
+    The file is unwrapped (:func:`read_weights`, :func:`strip_prefixes`); tensors of the
+    ``unused`` prefixes (a classifier the encoder has no use for) are not reported as unused.
+    """
+    state, notes = read_weights(path)
+    state, stripped = strip_prefixes(state, set(net.state_dict()))
+    loaded = Loaded(f"weights file {path}", notes=notes + stripped)
+    load_matching(net, state, loaded)
+    if unused:
+        loaded.unused = [k for k in loaded.unused if not k.startswith(unused)]
+        loaded.foreign = [k for k in loaded.foreign if not k.startswith(unused)]
+        loaded.extra = {k: v for k, v in state.items() if k.startswith(unused)}
+    return loaded
 
 
 class ResNetEncoder(Encoder):
@@ -237,33 +429,122 @@ class FeaturesEncoder(Encoder):
         return feats
 
 
+#: Arguments of timm.create_model that an encoder sets from its own arguments: not encoder args.
+RESERVED_TIMM_ARGS = {"features_only": "the encoder (always true)", "pretrained": "pretrained",
+                      "in_chans": "in_channels", "output_stride": "output_stride",
+                      "pretrained_cfg": "weights_path", "pretrained_cfg_overlay": "weights_path",
+                      "checkpoint_path": "weights_path", "cache_dir": "weights_path"}
+
+
+def _timm_names(name: str) -> str:
+    """A name of a timm network's state dict as it reads before ``features_only`` flattens its
+    sequences (``layers_0.blocks`` -> ``layers.0.blocks``): how file and network names are compared."""
+    return name.replace("_", ".")
+
+
+@contextlib.contextmanager
+def _recording_timm_loads() -> Iterator[list[tuple[dict[int, str], Loaded]]]:
+    """Within: timm's ``load_pretrained`` loads only the tensors that fit by name and shape, and says which.
+
+    timm loads non-strictly whenever ``features_only`` drops a classifier, so a file of other
+    names loads nothing without an error. Here its final state dict (after timm's own
+    conversions: the model's checkpoint filter, the first convolution's channels) is loaded
+    by :func:`load_matching` instead, and each load is recorded as ``({id(tensor): name}, Loaded)``
+    over the whole network, before ``features_only`` keeps a part of it under other names:
+    the tensors are the same objects, so :func:`_require_timm_fit` finds them by identity.
+    """
+    from timm.models import _builder
+
+    records: list[tuple[dict[int, str], Loaded]] = []
+    original = getattr(_builder, "load_pretrained", None)
+    if original is None:  # another timm layout: loads go unchecked (_require_timm_fit says so)
+        yield records
+        return
+
+    def load_pretrained(model: nn.Module, *args, **kwargs) -> None:
+        loaded = Loaded("")
+        names = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
+
+        def load_state_dict(state_dict, strict=True, assign=False):
+            return load_matching(model, dict(state_dict), loaded)
+
+        model.load_state_dict = load_state_dict
+        try:
+            original(model, *args, **kwargs)
+        finally:
+            del model.load_state_dict
+        records.append((names, loaded))
+
+    _builder.load_pretrained = load_pretrained
+    try:
+        yield records
+    finally:
+        _builder.load_pretrained = original
+
+
+def _require_timm_fit(encoder: nn.Module, net: nn.Module, records: list, source: str, what: str) -> None:
+    """:func:`require_fit` for a timm network: its tensors, by identity, among what timm loaded."""
+    if not records:  # a model with a loader of its own (timm's custom_load): nothing to check it by
+        _log.warning(f"{source}: timm loaded {what} by a loader of its own; which tensors it set is not known")
+        return
+    names, loaded = records[-1]
+    loaded.source = source
+    own = {k: v for k, v in net.state_dict(keep_vars=True).items() if not k.endswith("num_batches_tracked")}
+    require_fit([names.get(id(t), k) for k, t in own.items()], loaded, what)
+    _note(encoder, loaded)
+
+
 def create_timm_features(encoder: nn.Module, name: str, pretrained: bool, weights_path: str | None,
                          in_channels: int, **args) -> nn.Module:
     """``timm.create_model(name, features_only=True, ...)`` with the framework's errors, for every timm encoder.
 
     Pretrained weights come from timm's cache (downloaded into it when online) or from the local
-    file ``weights_path``. Sets ``out_channels``, ``strides`` and ``pretrained_normalization`` on
-    ``encoder`` from the network's ``feature_info`` and ``pretrained_cfg``; returns the network.
+    file ``weights_path`` (unwrapped as :func:`read_weights` and :func:`strip_prefixes` say, then
+    converted by timm as its own files are). Either is refused unless it sets every tensor of the
+    network (see :func:`require_fit`). Sets ``out_channels``, ``strides``,
+    ``pretrained_normalization`` and ``weights_notes`` on ``encoder`` from the network's
+    ``feature_info`` and ``pretrained_cfg``; returns the network.
     """
     import timm  # imported on demand: it takes seconds and most runs do not need it
 
     args = {"features_only": True, "in_chans": in_channels, **args}
-    if weights_path is not None:
+    encoder.weights_notes = []
+    what = f"timm model '{name}'"
+    source, notes = f"timm's pretrained weights of '{name}'", []
+    if pretrained and weights_path is not None:
         if not os.path.isfile(weights_path):
             raise ConfigError(f"pretrained: weights_path {weights_path} does not exist")
-        args["pretrained_cfg_overlay"] = {"file": weights_path}
+        state, notes = read_weights(weights_path)
+        if any(k.startswith(WRAPPER_PREFIXES) for k in state):
+            with torch.device("meta"):  # the network's names, for free
+                probe = timm.create_model(name, pretrained=False, **args)
+            state, stripped = strip_prefixes(state, {_timm_names(k) for k in probe.state_dict()}, _timm_names)
+            notes += stripped
+        args["pretrained_cfg_overlay"] = {"state_dict": state}
+        source = f"weights file {weights_path}"
     try:
-        net = timm.create_model(name, pretrained=pretrained, **args)
+        with _recording_timm_loads() as records:
+            net = timm.create_model(name, pretrained=pretrained, **args)
     except Exception as exc:  # timm and huggingface_hub raise many types for a missing or bad file
         if weights_path is not None:
-            raise CheckpointError(f"cannot load weights file {weights_path} into timm model "
-                                  f"'{name}': {exc}") from exc
+            raise CheckpointError(f"cannot load weights file {weights_path} into {what}: {_one_line(exc)}") from exc
         from huggingface_hub.constants import HF_HUB_CACHE
         raise ConfigError(f"pretrained: the weights of timm model '{name}' are not in timm's cache "
-                          f"({HF_HUB_CACHE}) and cannot be downloaded ({type(exc).__name__}: {exc}). "
+                          f"({HF_HUB_CACHE}) and cannot be downloaded ({type(exc).__name__}: {_one_line(exc)}). "
                           f"Download them on a machine with a network (timm.create_model('{name}', "
                           f"pretrained=True) fills that cache) and copy the cache over, or set "
                           f"weights_path in the model's args to a local weights file.") from exc
+    finally:
+        args.pop("pretrained_cfg_overlay", None)
+    # timm keeps the configuration it loaded from, our state dict included, on the network: drop it.
+    for module in net.modules():
+        for attr in ("pretrained_cfg", "default_cfg"):
+            if isinstance(getattr(module, attr, None), dict):
+                getattr(module, attr).pop("state_dict", None)
+    if pretrained:
+        for record in records:
+            record[1].notes = notes
+        _require_timm_fit(encoder, net, records, source, what)
     encoder.out_channels = tuple(net.feature_info.channels())
     encoder.strides = tuple(net.feature_info.reduction())
     cfg = net.pretrained_cfg
@@ -272,31 +553,70 @@ def create_timm_features(encoder: nn.Module, name: str, pretrained: bool, weight
     return net
 
 
+def _timm_args(args: dict[str, Any]) -> dict[str, Any]:
+    """Encoder args from a JSON config, as timm takes them: lists become tuples (``img_size``)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+
+
 class TimmEncoder(nn.Module):
     """Any timm model through ``features_only=True``; channels and strides from its ``feature_info``.
 
     Pretrained weights come from timm's own cache (the Hugging Face hub cache),
     downloaded into it when online; ``weights_path`` loads a local file instead.
     ``in_channels`` and ``output_stride`` are passed to timm, which adapts the
-    first convolution and dilates where the architecture allows it.
+    first convolution and dilates where the architecture allows it (only when the
+    network's features go coarser than ``output_stride``: a ViT's are all at 16).
+    ``args`` are further arguments of ``timm.create_model`` (``img_size``,
+    ``dynamic_img_size``, ``out_indices``...).
+
+    Features that timm gives channels-last (Swin, MambaOut: ``output_fmt`` NHWC) are
+    returned channels-first like every encoder's, as views.
     """
 
     def __init__(self, name: str, output_stride: int, pretrained: bool, weights_path: str | None,
-                 in_channels: int) -> None:
+                 in_channels: int, args: dict[str, Any] | None = None) -> None:
         super().__init__()
         import timm  # imported on demand: it takes seconds and most runs do not need it
 
-        dilation = {"output_stride": output_stride} if output_stride != 32 else {}
-        try:  # a bad combination (output stride, channels) is found on the meta device, for free
+        self.name = name
+        args = _timm_args(args or {})
+        given = f" and args {args}" if args else ""
+        dilation: dict[str, int] = {}
+        errors = (ValueError, TypeError, AssertionError, RuntimeError, NotImplementedError, KeyError)
+        try:  # a bad combination (output stride, channels, args) is found on the meta device, for free
             with torch.device("meta"):
-                timm.create_model(name, pretrained=False, features_only=True, in_chans=in_channels, **dilation)
-        except (ValueError, TypeError, AssertionError, RuntimeError, NotImplementedError) as exc:
-            raise ConfigError(f"timm model '{name}' cannot be built with output_stride {output_stride} "
-                              f"and in_channels {in_channels}: {exc}") from exc
-        self.net = create_timm_features(self, name, pretrained, weights_path, in_channels, **dilation)
+                probe = timm.create_model(name, pretrained=False, features_only=True, in_chans=in_channels, **args)
+        except errors as exc:
+            raise ConfigError(f"timm model '{name}' cannot be built with in_channels {in_channels}{given}: "
+                              f"{_one_line(exc)}") from exc
+        reached = max(probe.feature_info.reduction())
+        if reached > output_stride:  # dilated by timm, where the network allows it
+            dilation = {"output_stride": output_stride}
+            try:
+                with torch.device("meta"):
+                    timm.create_model(name, pretrained=False, features_only=True, in_chans=in_channels,
+                                      **dilation, **args)
+            except errors as exc:
+                raise ConfigError(f"timm model '{name}' cannot be built with output_stride {output_stride}: its "
+                                  f"features reach stride {reached} and timm cannot dilate it ({_one_line(exc)}); "
+                                  f"set output_stride to {reached}") from exc
+        self.net = create_timm_features(self, name, pretrained, weights_path, in_channels, **dilation, **args)
+        self.channels_last = str(getattr(self.net, "output_fmt", "NCHW")) in ("NHWC", "Format.NHWC")
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.net(x))
+        try:
+            feats = self.net(x)
+        except AssertionError as exc:  # timm's patch embedding of a network built for one input size
+            if "doesn't match model" not in str(exc):
+                raise
+            raise ConfigError(
+                f"timm model '{self.name}' was built for one input size and got a {x.shape[-2]}x{x.shape[-1]} "
+                f"input ({exc}): give the backbone the timm argument dynamic_img_size to take any size "
+                f'("backbone": {{"type": "timm:{self.name}", "args": {{"dynamic_img_size": true}}}}), or '
+                "img_size [height, width] for another fixed one") from exc
+        if self.channels_last:
+            return [f.permute(0, 3, 1, 2) for f in feats]
+        return list(feats)
 
 
 def _vgg16_bn_features(weights: None = None) -> nn.Module:
@@ -315,19 +635,30 @@ def _vgg16_bn_features(weights: None = None) -> nn.Module:
 
 def _torchvision(make: Callable[..., nn.Module], imagenet: tvm.WeightsEnum, wrap: Callable,
                  output_strides: tuple[int, ...], name: str | None = None,
-                 unused: tuple[str, ...] = ()) -> Callable[..., Encoder]:
-    """A builder of one torchvision encoder: network, ImageNet weights, channel adaptation, wrapper."""
+                 unused: tuple[str, ...] = (), classifier: tuple[str, ...] = ()) -> Callable[..., Encoder]:
+    """A builder of one torchvision encoder: network, ImageNet weights, channel adaptation, wrapper.
+
+    ``unused``: prefixes of the weights file's tensors that the network has no place for (a
+    classifier it drops); ``classifier``: those of them the encoder keeps, when built with
+    ``keep_classifier``, as ``classifier_state`` for a head that can use them (FCN-8s).
+    """
     def build(output_stride: int = 32, pretrained: bool = False, weights_path: str | None = None,
-              in_channels: int = 3) -> Encoder:
+              in_channels: int = 3, keep_classifier: bool = False) -> Encoder:
         if output_stride not in output_strides:
             raise ConfigError(f"output_stride {output_stride} is not available for {name}: choose "
                               f"{' or '.join(map(str, output_strides))}")
         net = make(weights=None)
-        if pretrained:
-            load_state(net, weights_file(name, imagenet.url, weights_path), unused)
+        loaded = load_state(net, weights_file(name, imagenet.url, weights_path), unused) if pretrained else None
         if in_channels != 3:
             _adapt_first_conv(net, in_channels)
         encoder = wrap(net, output_stride, in_channels)
+        encoder.weights_notes = []
+        if loaded is not None:
+            require_fit(encoder.state_dict(), loaded, f"torchvision's {name}")
+            _note(encoder, loaded)
+            if keep_classifier and classifier:
+                encoder.classifier_state = {k: v for k, v in loaded.extra.items() if k.startswith(classifier)}
+                encoder.classifier_source = loaded.source
         # ImageNet's RGB statistics say nothing about other channels: the data set's are used then.
         encoder.pretrained_normalization = IMAGENET_MEAN_STD if pretrained and in_channels == 3 else None
         return encoder
@@ -335,6 +666,7 @@ def _torchvision(make: Callable[..., nn.Module], imagenet: tvm.WeightsEnum, wrap
     name = name or make.__name__
     build.__name__ = name
     build.__doc__ = f"torchvision's {name} as an encoder; see :func:`build_encoder`."
+    build.keeps_classifier = bool(classifier)
     return build
 
 
@@ -360,11 +692,18 @@ for _make, _weights, _wrap, _strides in [
     BACKBONES.register(_torchvision(_make, _weights, _wrap, _strides), name=_make.__name__)
 # VGG has no residual stages to dilate without changing what its weights compute: stride 32 only.
 BACKBONES.register(_torchvision(_vgg16_bn_features, tvm.VGG16_BN_Weights.IMAGENET1K_V1, _vgg, (32,),
-                                name="vgg16_bn", unused=("classifier.",)), name="vgg16_bn")
+                                name="vgg16_bn", unused=("classifier.",),
+                                classifier=("classifier.0.", "classifier.3.")), name="vgg16_bn")
 
 
-def check_encoder_name(name: str, path: str) -> None:
-    """Config validation of a ``backbone`` argument: a registered name or ``timm:<model>``."""
+def encoder_spec(backbone: str | dict) -> tuple[str, dict[str, Any]]:
+    """``(name, args)`` of a ``backbone`` value: a name, or ``{"type": name, "args": {...}}``."""
+    if isinstance(backbone, dict):
+        return backbone["type"], dict(backbone.get("args") or {})
+    return backbone, {}
+
+
+def _check_name(name: str, path: str) -> None:
     if name.startswith(TIMM_PREFIX):
         import timm
 
@@ -380,42 +719,77 @@ def check_encoder_name(name: str, path: str) -> None:
                           "timm model")
 
 
-#: The type of a model's ``backbone`` argument, checked when the config is validated.
-EncoderName = Annotated[str, Check(check_encoder_name)]
+def check_encoder_name(backbone: str | dict, path: str) -> None:
+    """Config validation of a ``backbone`` argument.
+
+    A registered name or ``timm:<model>``; or, to pass arguments to ``timm.create_model``,
+    ``{"type": "timm:<model>", "args": {...}}`` (``img_size``, ``dynamic_img_size``...).
+    The arguments an encoder sets itself (:data:`RESERVED_TIMM_ARGS`) are refused, as are
+    arguments for the torchvision and HRNet encoders, which take none.
+    """
+    if not isinstance(backbone, dict):
+        _check_name(backbone, path)
+        return
+    spec = normalize_spec(backbone, path)
+    _check_name(spec["type"], f"{path}.type")
+    if spec["args"] and not spec["type"].startswith(TIMM_PREFIX):
+        raise ConfigError(f"{path}.args: arguments are only for timm backbones ('{TIMM_PREFIX}<name>'), which "
+                          f"pass them to timm.create_model; '{spec['type']}' takes none")
+    for key in spec["args"]:
+        if key in RESERVED_TIMM_ARGS:
+            raise ConfigError(f"{path}.args.{key}: set by the encoder from the model's argument "
+                              f"{RESERVED_TIMM_ARGS[key]}; remove it from the backbone's args")
+
+
+#: The type of a model's ``backbone`` argument, checked when the config is validated: a name, or
+#: ``{"type": "timm:<model>", "args": {...}}`` with arguments of ``timm.create_model``.
+EncoderName = Annotated[str | dict[str, Any], Check(check_encoder_name)]
 #: The same for models whose ``backbone`` may be null (an encoder of their own).
-OptionalEncoderName = Annotated[str | None,
+OptionalEncoderName = Annotated[str | dict[str, Any] | None,
                                 Check(lambda name, path: name is None or check_encoder_name(name, path))]
 
 
 def build_encoder(name: EncoderName, *, output_stride: int = 32, pretrained: bool = False,
-                  weights_path: str | None = None, in_channels: int = 3) -> nn.Module:
+                  weights_path: str | None = None, in_channels: int = 3,
+                  keep_classifier: bool = False) -> nn.Module:
     """Build an encoder.
 
     Args:
         name: a registered torchvision encoder (``resnet50``, ``mobilenet_v3_large``,
-            ``vgg16_bn``...) or ``"timm:<model>"``.
+            ``vgg16_bn``...) or ``"timm:<model>"``; or ``{"type": "timm:<model>", "args": {...}}``
+            to pass arguments to ``timm.create_model`` (``{"dynamic_img_size": true}`` lets a
+            ViT or a Swin take any input size).
         output_stride: 8, 16 or 32 where the network allows it (by dilation); others
             are a ConfigError naming the choices.
         pretrained: load ImageNet weights: torchvision's from the torch hub cache
             (``$TORCH_HOME/hub/checkpoints``), timm's from its Hugging Face cache;
             downloaded into that cache when missing and the machine is online.
-        weights_path: a local weights file to load instead of the cache
-            (a torchvision classification state dict, or a timm checkpoint).
+        weights_path: a local weights file to load instead of the cache (a torchvision
+            classification state dict, or a timm checkpoint; a training checkpoint's
+            ``state_dict``/``model`` entry and ``module.``/``backbone.``/``encoder.`` prefixes
+            are unwrapped). A file that does not hold every tensor of the encoder is refused.
         in_channels: image channels; the first convolution is adapted when not 3.
+        keep_classifier: keep, as ``classifier_state``, the pretrained fully connected layers
+            that a head can reuse (VGG16-BN's ``classifier.0`` and ``classifier.3``, which
+            FCN-8s makes its fc6 and fc7); the other encoders have none.
 
     Returns:
-        The encoder (see the module docstring for its interface).
+        The encoder (see the module docstring for its interface); its ``weights_notes`` list
+        what was unwrapped from the weights file (also logged).
     """
     check_encoder_name(name, "backbone")
+    name, args = encoder_spec(name)
     if weights_path is not None and not pretrained:
         raise ConfigError("weights_path is set but pretrained is false; set pretrained to true to load "
                           "it, or remove weights_path")
     if in_channels < 1:
         raise ConfigError(f"in_channels must be at least 1, got {in_channels}")
     if name.startswith(TIMM_PREFIX):
-        return TimmEncoder(name[len(TIMM_PREFIX):], output_stride, pretrained, weights_path, in_channels)
-    return BACKBONES.get(name, "backbone")(output_stride=output_stride, pretrained=pretrained,
-                                           weights_path=weights_path, in_channels=in_channels)
+        return TimmEncoder(name[len(TIMM_PREFIX):], output_stride, pretrained, weights_path, in_channels, args)
+    build = BACKBONES.get(name, "backbone")
+    keep = {"keep_classifier": True} if keep_classifier and getattr(build, "keeps_classifier", False) else {}
+    return build(output_stride=output_stride, pretrained=pretrained, weights_path=weights_path,
+                 in_channels=in_channels, **keep)
 
 
 def feature_at_stride(encoder: nn.Module, stride: int, or_coarser: bool = False) -> int:

@@ -30,14 +30,19 @@ class EncoderModel(BaseModel):
         freeze_bn: keep every BatchNorm in eval mode while training (for small batches).
         freeze_backbone: fix the encoder's weights (and its batch-norm statistics). For both see
             :meth:`base.base_model.BaseModel.apply_freezing`, which a model's constructor calls last.
+
+    A subclass (not the config) may pass ``keep_classifier=True`` to get the pretrained fully
+    connected layers its head reuses as ``self.backbone.classifier_state`` (see
+    :func:`models.backbones.build_encoder`); it deletes them once taken.
     """
 
     def __init__(self, num_classes: int, backbone: EncoderName, output_stride: int, pretrained: bool,
-                 weights_path: str | None, in_channels: int) -> None:
+                 weights_path: str | None, in_channels: int, *, keep_classifier: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.backbone = build_encoder(backbone, output_stride=output_stride, pretrained=pretrained,
-                                      weights_path=weights_path, in_channels=in_channels)
+                                      weights_path=weights_path, in_channels=in_channels,
+                                      keep_classifier=keep_classifier)
 
 
 class EncoderHeadModel(EncoderModel):

@@ -37,7 +37,9 @@ class HRNetEncoder(nn.Module):
             the branches have ``width * (1, 2, 4, 8)``.
         pretrained: load timm's ImageNet weights (from timm's Hugging Face cache,
             downloaded into it when online).
-        weights_path: a local timm checkpoint of ``hrnet_w<width>`` to load instead.
+        weights_path: a local timm checkpoint of ``hrnet_w<width>`` to load instead (a training
+            checkpoint and wrapper prefixes are unwrapped; a file without every tensor of the
+            encoder is refused, see :func:`models.backbones.create_timm_features`).
         in_channels: image channels; timm adapts the stem's first convolution.
 
     Shape:

@@ -196,7 +196,10 @@ def test_corrupt_or_foreign_weights_file_is_named(tmp_path):
         build_encoder("resnet18", pretrained=True, weights_path=str(broken))
     foreign = tmp_path / "resnet34.pth"
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), foreign)
-    with pytest.raises(CheckpointError, match="resnet34.pth does not fit this network"):
+    # Every tensor of resnet18 is in resnet34's file, with its shape: its blocks more give it away.
+    with pytest.raises(CheckpointError, match=r"resnet34.pth: all 100 tensors of torchvision's resnet18 match by "
+                                              r"name and shape, but the file has 80 more inside its modules "
+                                              r"\(layer1.2.conv1.weight, .*another network"):
         build_encoder("resnet18", pretrained=True, weights_path=str(foreign))
 
 
@@ -231,7 +234,7 @@ def test_timm_in_channels_and_local_weights(tmp_path):
     gray = build_encoder("timm:resnet10t", in_channels=1)
     assert shapes(gray, (64, 64), 1)[-1] == (1, 512, 2, 2)
     path.write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="cannot load weights file .*resnet10t.pth into timm model"):
+    with pytest.raises(CheckpointError, match="cannot read weights file .*resnet10t.pth: .*Unsupported operand"):
         build_encoder("timm:resnet10t", pretrained=True, weights_path=str(path))
 
 
@@ -263,3 +266,68 @@ def test_timm_offline_without_its_cache_says_what_to_do(hf_cache):
     with pytest.raises(ConfigError, match=r"weights of timm model 'resnet10t' are not in timm's cache "
                                           rf"\({hf_cache}\) and cannot be downloaded.*weights_path"):
         build_encoder("timm:resnet10t", pretrained=True)
+
+
+# timm's other feature formats: channels-last features (Swin, MambaOut) and single-stride ViTs.
+TIMM_FAMILIES = [
+    ("timm:resnet18", "UPerNet", {}),  # a CNN
+    ("timm:swin_tiny_patch4_window7_224", "UPerNet", {"dynamic_img_size": True}),  # NHWC features
+    ("timm:vit_small_patch16_224", "DeepLabV3", {"dynamic_img_size": True}),  # every feature at stride 16
+    ("timm:convnext_tiny", "UPerNet", {}),
+]
+DECODER_ARGS = {"UPerNet": {"channels": 32}, "DeepLabV3": {"output_stride": 16}}
+
+
+def timm_backbone(name: str, args: dict):
+    """A ``backbone`` value: the name alone, or the name with timm.create_model arguments."""
+    return {"type": name, "args": args} if args else name
+
+
+@pytest.mark.parametrize("backbone, model, args", TIMM_FAMILIES, ids=[b for b, _, _ in TIMM_FAMILIES])
+def test_timm_families_train_a_step_on_a_non_square_input(backbone, model, args):
+    from utils.registry import MODELS
+
+    torch.manual_seed(0)
+    spec = {"type": model, "args": {"backbone": timm_backbone(backbone, args), **DECODER_ARGS[model]}}
+    MODELS.validate(spec, "arch", injected=("num_classes",))
+    net = MODELS.build(spec, "arch", num_classes=3).train()
+    x, target = torch.randn(2, 3, 64, 96), torch.randint(0, 3, (2, 64, 96))
+    with torch.no_grad():
+        feats = net.backbone(x)
+    assert [f.shape[1] for f in feats] == list(net.backbone.out_channels)
+    assert [(64 // s, 96 // s) for s in net.backbone.strides] == [tuple(f.shape[-2:]) for f in feats]
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    before = [p.detach().clone() for p in net.backbone.parameters()]
+    out = net(x)["out"]
+    assert out.shape == (2, 3, 64, 96)
+    torch.nn.functional.cross_entropy(out, target).backward()
+    optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.backbone.parameters()))
+
+
+def test_timm_encoder_args_are_checked_with_the_config():
+    check_encoder_name({"type": "timm:vit_small_patch16_224", "args": {"img_size": [64, 96]}}, "b")
+    with pytest.raises(ConfigError, match=r"^b.args: .*only.* timm"):
+        check_encoder_name({"type": "resnet18", "args": {"img_size": 64}}, "b")
+    with pytest.raises(ConfigError, match=r"^b.args.in_chans: .*in_channels"):
+        check_encoder_name({"type": "timm:resnet18", "args": {"in_chans": 1}}, "b")
+    with pytest.raises(ConfigError, match=r"^b.typo: unknown key"):
+        check_encoder_name({"type": "timm:resnet18", "typo": 1}, "b")
+    with pytest.raises(ConfigError, match=r"timm model 'resnet18' cannot be built .*not_an_arg"):
+        build_encoder({"type": "timm:resnet18", "args": {"not_an_arg": 1}})
+
+
+def test_vit_with_a_fixed_size_says_how_to_take_other_sizes():
+    encoder = build_encoder({"type": "timm:vit_tiny_patch16_224", "args": {"img_size": [64, 96]}})
+    assert encoder.strides == (16, 16, 16)
+    assert shapes(encoder, (64, 96))[-1] == (1, 192, 4, 6)
+    with pytest.raises(ConfigError, match=r"got a 96x64 input .*dynamic_img_size.*img_size"):
+        shapes(encoder, (96, 64))
+
+
+def test_decoders_that_need_several_strides_say_so_for_a_vit():
+    from utils.registry import MODELS
+
+    with pytest.raises(ConfigError, match=r"stride-4 feature, .* strides \(16, 16, 16\)"):
+        MODELS.build({"type": "DeepLabV3Plus", "args": {"backbone": "timm:vit_tiny_patch16_224",
+                                                        "output_stride": 16}}, "arch", num_classes=3)
