@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from utils.errors import DataError
 from utils.images import read_image, read_label
-from utils.labels import UNMAPPED, apply_color_map, apply_label_lut, make_label_lut
+from utils.labels import apply_label_lut, make_label_lut
 
 JointTransform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 

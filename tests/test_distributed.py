@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 
 import builder
-import train
 from models.unet import UNet
 from utils.checkpoint import load_checkpoint
 

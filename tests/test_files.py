@@ -8,7 +8,6 @@ import pytest
 
 import builder
 from utils.distributed import select_device
-import train
 from utils.config import validate_config
 from utils.files import atomic_write, write_json
 

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 import builder
-import train
 from base.base_trainer import TrainingInterrupted
 from utils.checkpoint import load_checkpoint, save_atomic
 from utils.config import validate_config
