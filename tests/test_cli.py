@@ -518,7 +518,6 @@ def test_inference_on_a_video_keeps_frames_and_frame_rate(trained, tmp_path, ext
 def test_inference_report_on_cityscapes_names_has_iiou_and_label_ids(tmp_path):
     from dataloader.cityscapes import TRAIN_TO_LABEL_ID, Cityscapes
     from tests.test_export import make_checkpoint
-    from dataloader.cityscapes import Cityscapes
 
     loader = {"type": "Cityscapes", "args": {"data_dir": str(tmp_path / "absent"), "batch_size": 2}}
     config, checkpoint = make_checkpoint(tmp_path, {"type": "UNet", "args": {"base_channels": 4, "depth": 2}},
